@@ -1,0 +1,37 @@
+"""A small thread-safe LRU cache for expensive, immutable things (seeded modules, tables)."""
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """Keeps the `maxsize` most recently used values; `maxsize=0` caches nothing."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_create(self, key: K, create: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        # Built outside the lock: two threads may build the same value once each, but a slow
+        # build never blocks requests for other keys.
+        value = create()
+        if self.maxsize > 0:
+            with self._lock:
+                self._items[key] = value
+                self._items.move_to_end(key)
+                while len(self._items) > self.maxsize:
+                    self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)

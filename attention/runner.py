@@ -1,0 +1,58 @@
+"""Runs a variant on a batch of inputs, reproducibly and safely across threads.
+
+Every computation draws from its own `torch.Generator`, never the process-wide RNG, so the answer
+depends on the request alone however many run at once. Seeded modules are built once and kept in
+a bounded cache together with the generator state their construction left behind: dropout then
+continues the stream from exactly where `torch.manual_seed(seed); BookClass(...)` would.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attention.cache import BoundedCache
+from attention.registry import AttentionConfig, Variant
+
+
+@dataclass(frozen=True)
+class AttentionResult:
+    context_vectors: torch.Tensor  # (b, T, output_dim)
+    attention_weights: torch.Tensor | None  # (b, T, T), or (b, H, T, T) for multi-head
+
+
+class AttentionRunner:
+    def __init__(self, module_cache_size: int = 32) -> None:
+        self._modules: BoundedCache[tuple[str, AttentionConfig], tuple[nn.Module, torch.Tensor]]
+        self._modules = BoundedCache(module_cache_size)
+
+    def module(self, variant: Variant, config: AttentionConfig) -> tuple[nn.Module, torch.Tensor]:
+        """The seeded module and the generator state right after its construction."""
+
+        def build() -> tuple[nn.Module, torch.Tensor]:
+            generator = torch.Generator()
+            if config.seed is not None:
+                generator.manual_seed(config.seed)
+            module = variant.build(config, generator).eval()
+            return module, generator.get_state()
+
+        return self._modules.get_or_create((variant.name, config), build)
+
+    def run(
+        self,
+        variant: Variant,
+        inputs: torch.Tensor,
+        config: AttentionConfig,
+        *,
+        return_weights: bool = True,
+    ) -> AttentionResult:
+        """inputs: (b, T, d_in) float32."""
+        variant.check(config)
+        module, state_after_init = self.module(variant, config)
+        generator = torch.Generator()
+        generator.set_state(state_after_init)
+        with torch.inference_mode():
+            context_vec, attn_weights = module(
+                inputs, generator=generator, return_weights=return_weights
+            )
+        return AttentionResult(context_vec, attn_weights)

@@ -1,0 +1,183 @@
+"""The book's attention classes of chapter 3, in the book's vocabulary.
+
+Each class takes (b, num_tokens, d_in) and returns `(context_vec, attn_weights)`; the weights are
+None when not asked for. Constructors draw their weights from a `generator` in the order the
+book's constructors do, so `torch.Generator().manual_seed(seed)` reproduces
+`torch.manual_seed(seed); BookClass(...)`. Dropout masks come from the generator passed to
+`forward`, continuing the same stream.
+"""
+
+import torch
+from torch import nn
+
+from attention.functional import attend
+from attention.initialisation import seeded_linear, seeded_rand_parameter
+
+Output = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class SimplifiedSelfAttention(nn.Module):
+    """Section 3.3: the inputs are their own queries, keys and values; no weights, no scaling."""
+
+    def forward(
+        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+    ) -> Output:
+        return attend(x, x, x, causal=False, scaled=False, return_weights=return_weights)
+
+
+class SelfAttention_v1(nn.Module):  # noqa: N801 - the book's name
+    """Section 3.4.1: weight matrices as `nn.Parameter(torch.rand(d_in, d_out))`."""
+
+    def __init__(self, d_in: int, d_out: int, *, generator: torch.Generator) -> None:
+        super().__init__()
+        self.W_query = seeded_rand_parameter(d_in, d_out, generator=generator)
+        self.W_key = seeded_rand_parameter(d_in, d_out, generator=generator)
+        self.W_value = seeded_rand_parameter(d_in, d_out, generator=generator)
+
+    def forward(
+        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+    ) -> Output:
+        keys = x @ self.W_key  # (b, T, d_out)
+        queries = x @ self.W_query
+        values = x @ self.W_value
+        return attend(queries, keys, values, causal=False, return_weights=return_weights)
+
+
+class SelfAttention_v2(nn.Module):  # noqa: N801 - the book's name
+    """Section 3.4.2: `nn.Linear` projections, with their better-behaved initialisation."""
+
+    def __init__(
+        self, d_in: int, d_out: int, qkv_bias: bool = False, *, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        self.W_query = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.W_key = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+
+    def forward(
+        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+    ) -> Output:
+        keys = self.W_key(x)  # (b, T, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        return attend(queries, keys, values, causal=False, return_weights=return_weights)
+
+
+class CausalAttention(nn.Module):
+    """Section 3.5: SelfAttention_v2 plus the causal mask and dropout on the weights."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        dropout: float,
+        qkv_bias: bool = False,
+        *,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.W_query = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.W_key = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.dropout = dropout
+
+    def forward(
+        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+    ) -> Output:
+        keys = self.W_key(x)  # (b, T, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        return attend(
+            queries,
+            keys,
+            values,
+            causal=True,
+            dropout=self.dropout,
+            generator=generator,
+            return_weights=return_weights,
+        )
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Section 3.6.1: `num_heads` independent CausalAttention heads, outputs concatenated."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        *,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(
+            CausalAttention(d_in, d_out, dropout, qkv_bias, generator=generator)
+            for _ in range(num_heads)
+        )
+
+    def forward(
+        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+    ) -> Output:
+        # Heads run in order, so each draws its dropout mask after the previous one, as in the book.
+        outputs = [
+            head(x, generator=generator, return_weights=return_weights) for head in self.heads
+        ]
+        context_vec = torch.cat([context for context, _ in outputs], dim=-1)  # (b, T, H * d_out)
+        if not return_weights:
+            return context_vec, None
+        return context_vec, torch.stack([weights for _, weights in outputs], dim=1)  # (b, H, T, T)
+
+
+class MultiHeadAttention(nn.Module):
+    """Section 3.6.2: one set of projections split into heads, recombined by `out_proj`."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        *,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError("d_out must be divisible by num_heads")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.W_key = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+        self.out_proj = seeded_linear(d_out, d_out, bias=True, generator=generator)
+        self.dropout = dropout
+
+    def forward(
+        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+    ) -> Output:
+        b, num_tokens, _ = x.shape
+        keys = self.W_key(x)  # (b, T, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+
+        split = (b, num_tokens, self.num_heads, self.head_dim)
+        keys = keys.view(split).transpose(1, 2)  # (b, H, T, head_dim)
+        queries = queries.view(split).transpose(1, 2)
+        values = values.view(split).transpose(1, 2)
+
+        context_vec, attn_weights = attend(
+            queries,
+            keys,
+            values,
+            causal=True,
+            dropout=self.dropout,
+            generator=generator,
+            return_weights=return_weights,
+        )  # (b, H, T, head_dim), (b, H, T, T)
+        context_vec = context_vec.transpose(1, 2).reshape(
+            b, num_tokens, self.d_out
+        )  # (b, T, d_out)
+        return self.out_proj(context_vec), attn_weights
