@@ -25,7 +25,7 @@ class SimplifiedSelfAttention(nn.Module):
         return attend(x, x, x, causal=False, scaled=False, return_weights=return_weights)
 
 
-class SelfAttention_v1(nn.Module):  # noqa: N801 - the book's name
+class SelfAttention_v1(nn.Module):  # the book's name
     """Section 3.4.1: weight matrices as `nn.Parameter(torch.rand(d_in, d_out))`."""
 
     def __init__(self, d_in: int, d_out: int, *, generator: torch.Generator) -> None:
@@ -43,7 +43,7 @@ class SelfAttention_v1(nn.Module):  # noqa: N801 - the book's name
         return attend(queries, keys, values, causal=False, return_weights=return_weights)
 
 
-class SelfAttention_v2(nn.Module):  # noqa: N801 - the book's name
+class SelfAttention_v2(nn.Module):  # the book's name
     """Section 3.4.2: `nn.Linear` projections, with their better-behaved initialisation."""
 
     def __init__(
