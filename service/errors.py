@@ -1,0 +1,50 @@
+"""Every error the service answers with, mapped once.
+
+422s keep FastAPI's `{"detail": [...]}` form. An error never echoes a large input back: a
+matrix of millions of numbers would turn a short refusal into a long download.
+"""
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import Response
+
+from attention import AttentionInputError
+
+MAX_ECHOED_INPUT_BYTES = 200
+
+
+def json_response(status_code: int, content: Any, headers: dict[str, str] | None = None):
+    return Response(
+        orjson.dumps(content, default=repr),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _printable(error: dict[str, Any]) -> dict[str, Any]:
+    error = {**error, "loc": list(error["loc"])}
+    if "input" in error:
+        echoed = orjson.dumps(error["input"], default=repr, option=orjson.OPT_SERIALIZE_NUMPY)
+        if len(echoed) > MAX_ECHOED_INPUT_BYTES:
+            del error["input"]
+    error.pop("url", None)
+    return error
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return json_response(422, {"detail": [_printable(error) for error in exc.errors()]})
+
+
+async def attention_input_error(request: Request, exc: AttentionInputError) -> Response:
+    loc = ["body", exc.field] if exc.field else ["body"]
+    error = {"type": "value_error", "loc": loc, "msg": str(exc), "input": exc.value}
+    return json_response(422, {"detail": [_printable(error)]})
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(AttentionInputError, attention_input_error)

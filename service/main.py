@@ -1,0 +1,50 @@
+"""The FastAPI application: `service.main:app`."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
+
+from service import errors
+from service.engine import Engine
+from service.routes import attention, health
+from service.settings import Settings, get_settings
+
+DESCRIPTION = """
+The attention mechanisms of chapter 3 of *Build a Large Language Model From Scratch*
+(S. Raschka): simplified self-attention, self-attention with trainable weights, causal
+attention and multi-head attention. POST embeddings or text, get the attention weights and
+context vectors. Each variant's examples reproduce the book's printed numbers.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        await run_in_threadpool(engine.warm_up)
+        yield
+
+    # Swagger UI's assets are served from the installed package: /docs needs no network.
+    app = FastAPIOffline(
+        title="Attention service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.engine = engine
+    errors.install(app)
+    app.include_router(attention.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,96 @@
+"""`POST /attention/{variant}` for each variant of the registry, and `GET /attention`."""
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from attention import VARIANTS, Variant
+from service.dependencies import EngineDep
+from service.examples import EXAMPLES
+from service.parsing import parse_request
+from service.schemas import (
+    AttentionResponse,
+    ErrorMessage,
+    VariantInfo,
+    request_model,
+    variant_info,
+)
+
+# Bodies above this are decoded on a worker thread: tens of MB of JSON would stall the loop.
+INLINE_BODY_BYTES = 64 * 1024
+
+router = APIRouter(tags=["attention"])
+
+
+@router.get("/attention", summary="List the attention variants")
+async def list_variants() -> list[VariantInfo]:
+    return [variant_info(variant) for variant in VARIANTS.values()]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = HTTPException(
+        413, f"the request body exceeds the limit of {limit} bytes (ATTENTION_MAX_BODY_BYTES)"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
+    async def compute(request: Request, engine: EngineDep) -> Response:
+        body = await read_body(request, engine.settings.max_body_bytes)
+        if len(body) > INLINE_BODY_BYTES:
+            parsed = await run_in_threadpool(parse_request, body, variant)
+        else:
+            parsed = parse_request(body, variant)
+        job = engine.prepare(variant, parsed)
+        # Tiny computations cost less than the hop to a thread; large ones must not block the loop.
+        if job.tokens is None and job.multiply_adds <= engine.settings.inline_work_limit:
+            content = engine.answer(job)
+        else:
+            content = await run_in_threadpool(engine.answer, job)
+        return Response(content, media_type="application/json")
+
+    return compute
+
+
+ERROR_RESPONSES = {
+    413: {"model": ErrorMessage, "description": "The request body exceeds its limit"},
+}
+
+for variant in VARIANTS.values():
+    schema = request_model(variant).model_json_schema()
+    assert "$defs" not in schema, "request models are flat, so their schema can be inlined"
+    router.add_api_route(
+        f"/attention/{variant.name}",
+        compute_endpoint(variant),
+        methods=["POST"],
+        name=f"attention_{variant.name.replace('-', '_')}",
+        summary=f"{variant.description.split(':')[0]} (book section {variant.book_section})",
+        description=variant.description,
+        response_model=AttentionResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": schema, "examples": EXAMPLES[variant.name]}
+                },
+            }
+        },
+    )
+
+
+@router.post("/attention/{variant}", include_in_schema=False)
+async def unknown_variant(variant: str) -> Response:
+    raise HTTPException(404, f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")

@@ -1,0 +1,208 @@
+"""Request and response models of the HTTP contract (shared/API.md).
+
+Requests are validated with one pydantic model per variant, generated from the registry, so the
+OpenAPI document shows each variant exactly the fields it accepts. Responses are serialised
+straight from numpy arrays (see `service.responses`); the response models here document them.
+"""
+
+from functools import cache
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model
+
+from attention import VARIANTS, Variant
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
+
+NUMBER_LISTS = {"type": "array", "items": {"type": "number"}}
+MATRIX = {"type": "array", "items": NUMBER_LISTS}
+BATCH = {"type": "array", "items": MATRIX}
+
+
+def _decoded_embeddings(value: Any) -> np.ndarray:
+    # `service.parsing` decodes the matrix from raw JSON before validation; anything else here
+    # is a programming error, not a client's.
+    if not isinstance(value, np.ndarray):
+        raise TypeError("embeddings reach the model already decoded to a float32 array")
+    return value
+
+
+Embeddings = Annotated[
+    np.ndarray,
+    PlainValidator(_decoded_embeddings),
+    WithJsonSchema(
+        {
+            "anyOf": [MATRIX, BATCH],
+            "description": "T x d_in rows of finite numbers, one per token, or a batch "
+            "B x T x d_in. Send exactly one of `embeddings` or `text`.",
+        }
+    ),
+]
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class RequestBase(BaseModel):
+    """Fields every variant accepts."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+
+    embeddings: Embeddings | None = None
+    text: str | None = Field(
+        None,
+        min_length=1,
+        description="Text to tokenize with GPT-2's BPE (`<|endoftext|>` allowed) and embed as "
+        "chapter 2 does. Send exactly one of `embeddings` or `text`.",
+    )
+    return_weights: bool = Field(
+        True,
+        description="false leaves `attention_weights` out and lets the service use a fused "
+        "kernel that never holds the T x T matrix",
+    )
+    decimals: int | None = Field(
+        None,
+        ge=0,
+        le=8,
+        description="round every number of the answer to this many decimals (the book prints 4)",
+    )
+    embedding_dim: int = Field(
+        256, ge=1, description="`text` input: size of the token and positional embeddings (d_in)"
+    )
+    context_length: int = Field(
+        1024,
+        ge=1,
+        description="`text` input: rows of the positional embedding table; more tokens is a 422",
+    )
+    embedding_seed: Seed = Field(123, description="`text` input: seed of the embedding tables")
+
+
+TEXT_PARAMETERS = ("embedding_dim", "context_length", "embedding_seed")
+
+# The variant parameters, each described once; a variant's model takes those it lists.
+PARAMETER_FIELDS: dict[str, tuple[Any, Any]] = {
+    "d_out": (
+        int | None,
+        Field(
+            None,
+            ge=1,
+            description="output size of the query/key/value projections (per head for the "
+            "wrapper, total for fused); defaults to d_in",
+        ),
+    ),
+    "num_heads": (int, Field(2, ge=1, description="number of attention heads")),
+    "seed": (
+        Seed,
+        Field(
+            123,
+            description="weights initialised as `torch.manual_seed(seed)` and the book's "
+            "constructor would; dropout masks continue the same stream",
+        ),
+    ),
+    "qkv_bias": (bool, Field(False, description="bias in the query/key/value projections")),
+    "dropout": (
+        float,
+        Field(
+            0.0,
+            ge=0.0,
+            lt=1.0,
+            description="dropout rate on the attention weights, applied as training-mode "
+            "`nn.Dropout` does",
+        ),
+    ),
+}
+
+ALL_PARAMETERS = (*PARAMETER_FIELDS, "implementation")
+
+
+@cache
+def request_model(variant: Variant) -> type[RequestBase]:
+    """The request model of one variant: the common fields plus the parameters it accepts."""
+    fields: dict[str, Any] = {
+        name: PARAMETER_FIELDS[name] for name in variant.parameters if name in PARAMETER_FIELDS
+    }
+    if "implementation" in variant.parameters:
+        choices = variant.implementation_names
+        fields["implementation"] = (
+            Literal[tuple(choices)],
+            Field(
+                variant.default_implementation,
+                description="which of the book's classes: "
+                + ", ".join(f"`{name}` ({variant.book_class(name)})" for name in choices),
+            ),
+        )
+    title = "".join(part.capitalize() for part in variant.name.split("-"))
+    return create_model(f"{title}Request", __base__=RequestBase, **fields)
+
+
+def accepted_fields(variant: Variant) -> list[str]:
+    return list(request_model(variant).model_fields)
+
+
+class Token(BaseModel):
+    id: int = Field(description="GPT-2 token id")
+    text: str = Field(description="the text this token decodes to")
+
+
+class AttentionResponse(BaseModel):
+    variant: str
+    attention_weights: list[Any] | None = Field(
+        None,
+        description="T x T (batch B x T x T; multi-head H x T x T, batch B x H x T x T), after "
+        "the causal mask and dropout where they apply; absent when `return_weights` is false",
+    )
+    context_vectors: list[Any] = Field(description="T x d (batch B x T x d)")
+    tokens: list[Token] | None = Field(None, description="only for `text` input")
+    config: dict[str, Any] = Field(description="every parameter as resolved")
+
+
+class ParameterInfo(BaseModel):
+    default: Any
+    description: str | None
+
+
+class ImplementationInfo(BaseModel):
+    name: str
+    book_class: str | None
+    default: bool
+
+
+class VariantInfo(BaseModel):
+    name: str
+    path: str
+    description: str
+    book_section: str
+    book_class: str | None
+    parameters: dict[str, ParameterInfo]
+    implementations: list[ImplementationInfo]
+
+
+def variant_info(variant: Variant) -> VariantInfo:
+    model = request_model(variant)
+    return VariantInfo(
+        name=variant.name,
+        path=f"/attention/{variant.name}",
+        description=variant.description,
+        book_section=variant.book_section,
+        book_class=variant.book_class(variant.default_implementation),
+        parameters={
+            name: ParameterInfo(default=field.default, description=field.description)
+            for name, field in model.model_fields.items()
+            if name not in ("embeddings", "text")
+        },
+        implementations=[
+            ImplementationInfo(
+                name=name,
+                book_class=variant.book_class(name),
+                default=name == variant.default_implementation,
+            )
+            for name in variant.implementation_names
+        ],
+    )
+
+
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+VARIANT_NAMES = tuple(VARIANTS)

@@ -1,0 +1,47 @@
+"""Every setting of the service, read once from `ATTENTION_`-prefixed environment variables."""
+
+from functools import cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 2**20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTENTION_", frozen=True)
+
+    # Limits: a request beyond one is refused, before any work, with the setting named.
+    max_body_bytes: int = Field(128 * MIB, ge=1, description="request body size")
+    max_tokens: int = Field(4096, ge=1, description="tokens (rows) per input sequence")
+    max_batch_size: int = Field(64, ge=1, description="sequences in one batch")
+    max_dim: int = Field(
+        1024, ge=1, description="d_in, d_out, embedding_dim and the wrapper's concatenated width"
+    )
+    max_heads: int = Field(64, ge=1, description="attention heads")
+    max_context_length: int = Field(8192, ge=1, description="rows of the positional table")
+    max_text_chars: int = Field(200_000, ge=1, description="characters of text input")
+    max_attention_floats: int = Field(
+        32 * MIB,
+        ge=1,
+        description="floats in the batch x heads x T x T weights, when they are returned or "
+        "dropout needs them (the fused path without weights never holds them)",
+    )
+
+    # Caches of seeded modules and of embedding tables (50257 x embedding_dim floats each).
+    module_cache_size: int = Field(32, ge=0)
+    embedding_cache_size: int = Field(4, ge=0)
+
+    # Execution.
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
+    inline_work_limit: int = Field(
+        200_000,
+        ge=0,
+        description="multiply-adds below which a request is computed on the event loop; "
+        "larger ones go to a worker thread so the loop stays responsive",
+    )
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()
