@@ -1,0 +1,37 @@
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.main import create_app
+from service.settings import Settings
+
+BOOK = json.loads((Path(__file__).parent / "data" / "book-chapter3-values.json").read_text())
+
+
+def book_input(name: str) -> list[Any]:
+    """The book's named inputs: "inputs" (6 x 3) or "batch" (2 x 6 x 3)."""
+    return BOOK["inputs"] if name == "inputs" else [BOOK["inputs"], BOOK["inputs"]]
+
+
+@pytest.fixture(scope="session")
+def app():
+    return create_app(Settings())
+
+
+@pytest.fixture(scope="session")
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as client:
+        yield client
+
+
+def make_client(settings: Settings) -> httpx.AsyncClient:
+    """A client of an app with other settings (smaller limits, say)."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://testserver"
+    )
