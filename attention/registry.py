@@ -54,7 +54,9 @@ class Variant:
     # Request parameters this variant accepts, beyond the input and `return_weights`.
     parameters: tuple[str, ...]
     # implementation value -> (book class name, builder); the first is the default.
-    implementations: Mapping[str | None, tuple[str | None, Builder]] = field(repr=False)
+    implementations: Mapping[str | None, tuple[str | None, Builder]] = field(
+        repr=False, compare=False
+    )
     multi_head: bool = False
 
     @property
