@@ -1,0 +1,329 @@
+"""Inputs the book does not print, compared with the book's own classes (tests/book_reference.py).
+
+The reference runs the book's way: `torch.manual_seed(seed)`, the class's constructor, then a
+call in training mode (the book's modules are never put in eval mode), so dropout masks come
+from the global RNG right after the weights. The attention weights of the reference are taken
+from its `nn.Dropout` modules' outputs by a forward hook, or re-derived from its parameters where
+the book's class has no dropout.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attention import VARIANTS
+from attention.functional import book_dropout
+from tests.book_reference import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    SelfAttention_v1,
+    SelfAttention_v2,
+    simplified,
+)
+from tests.conftest import BOOK
+
+ATOL = 1e-5
+DEFAULT_SEED = 123
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    variant: str
+    implementation: str | None
+    shape: tuple[int, ...]  # (T, d_in) or (B, T, d_in)
+    params: dict[str, Any] = field(default_factory=dict)  # sent as they are
+    input_seed: int = 0
+
+    def inputs(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.input_seed)
+        return torch.rand(self.shape, generator=generator)
+
+    def body(self, x: torch.Tensor) -> dict[str, Any]:
+        body = {"embeddings": x.tolist(), **self.params}
+        if self.implementation is not None:
+            body["implementation"] = self.implementation
+        return body
+
+
+def weighted_cases(variant: str, implementation: str | None) -> list[Case]:
+    """The cases every variant with trainable weights runs."""
+    name = f"{variant}:{implementation}" if implementation else variant
+    d_out = 6 if variant == "multi-head" else 4  # fused: divisible by the 2 default heads
+
+    def case(suffix: str, shape: tuple[int, ...], input_seed: int = 0, **params: Any) -> Case:
+        return Case(f"{name}-{suffix}", variant, implementation, shape, params, input_seed)
+
+    cases = [
+        case("default-seed", (5, 7), d_out=d_out),
+        case("seed0", (5, 7), 1, d_out=d_out, seed=0),
+        case("seed1", (5, 7), 2, d_out=d_out, seed=1),
+        case("seed2**40", (5, 7), 3, d_out=d_out, seed=2**40),
+        case("seed2**64-1", (5, 7), 25, d_out=d_out, seed=2**64 - 1),  # the largest seed
+        case("d_out-default", (5, 6), 4, seed=7),
+        case("d_out>d_in", (4, 3), 5, d_out=8, seed=11),
+        case("batch3", (3, 6, 5), 6, d_out=d_out, seed=3),
+        case("2x9x8", (2, 9, 8), 7, d_out=d_out, seed=4),
+    ]
+    if implementation != "v1":  # SelfAttention_v1 has no bias
+        cases += [
+            case("qkv_bias", (5, 7), 8, d_out=d_out, seed=5, qkv_bias=True),
+            case("qkv_bias-batch3", (3, 4, 5), 9, d_out=d_out, seed=6, qkv_bias=True),
+        ]
+    if variant in ("causal", "multi-head"):
+        cases += [
+            case("dropout0.1", (6, 5), 10, d_out=d_out, seed=123, dropout=0.1),
+            case("dropout0.5", (6, 5), 11, d_out=d_out, seed=123, dropout=0.5),
+            case("dropout0.5-seed0", (7, 4), 12, d_out=d_out, seed=0, dropout=0.5),
+            case("dropout0.5-seed2**40", (5, 7), 13, d_out=d_out, seed=2**40, dropout=0.5),
+            case("dropout0.5-seed2**64-1", (5, 7), 26, d_out=d_out, seed=2**64 - 1, dropout=0.5),
+            case("dropout0.1-batch3", (3, 6, 5), 14, d_out=d_out, seed=9, dropout=0.1),
+            case(
+                "dropout0.5-2x9x8-bias",
+                (2, 9, 8),
+                15,
+                d_out=d_out,
+                seed=1,
+                dropout=0.5,
+                qkv_bias=True,
+            ),
+        ]
+    if variant == "multi-head":
+        heads_d_out = 12 if implementation == "fused" else 3
+        cases += [
+            case("3heads", (5, 7), 16, d_out=heads_d_out, num_heads=3, seed=2),
+            case("4heads", (5, 7), 17, d_out=heads_d_out, num_heads=4, seed=2),
+            case("1head", (5, 7), 18, d_out=heads_d_out, num_heads=1, seed=2),
+            case(
+                "4heads-dropout0.5-batch3",
+                (3, 6, 5),
+                19,
+                d_out=heads_d_out,
+                num_heads=4,
+                seed=8,
+                dropout=0.5,
+            ),
+            case(
+                "3heads-dropout0.1-2x9x8",
+                (2, 9, 8),
+                20,
+                d_out=heads_d_out,
+                num_heads=3,
+                seed=2**40,
+                dropout=0.1,
+            ),
+        ]
+    return cases
+
+
+CASES = [
+    Case("simplified-5x7", "simplified", None, (5, 7), {}, 21),
+    Case("simplified-2x9x8", "simplified", None, (2, 9, 8), {}, 22),
+    Case("simplified-batch3", "simplified", None, (3, 6, 5), {}, 23),
+    Case("simplified-1x4", "simplified", None, (1, 4), {}, 24),
+    *weighted_cases("self-attention", "v2"),
+    *weighted_cases("self-attention", "v1"),
+    *weighted_cases("causal", None),
+    *weighted_cases("multi-head", "fused"),
+    *weighted_cases("multi-head", "wrapper"),
+]
+
+
+# --- the reference, run the book's way ---------------------------------------------------------
+
+
+def book_module(case: Case, d_in: int, num_tokens: int) -> nn.Module:
+    params = case.params
+    d_out = params.get("d_out", d_in)
+    qkv_bias = params.get("qkv_bias", False)
+    dropout = params.get("dropout", 0.0)
+    num_heads = params.get("num_heads", 2)
+    torch.manual_seed(params.get("seed", DEFAULT_SEED))
+    match (case.variant, case.implementation):
+        case ("self-attention", "v1"):
+            return SelfAttention_v1(d_in, d_out)
+        case ("self-attention", "v2"):
+            return SelfAttention_v2(d_in, d_out, qkv_bias)
+        case ("causal", None):
+            return CausalAttention(d_in, d_out, num_tokens, dropout, qkv_bias)
+        case ("multi-head", "fused"):
+            return MultiHeadAttention(d_in, d_out, num_tokens, dropout, num_heads, qkv_bias)
+        case ("multi-head", "wrapper"):
+            return MultiHeadAttentionWrapper(d_in, d_out, num_tokens, dropout, num_heads, qkv_bias)
+    raise AssertionError(f"no book class for {case.variant}/{case.implementation}")
+
+
+def self_attention_weights(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The softmax of SelfAttention_v1/v2's forward, re-derived from its parameters (x: T x d)."""
+    if isinstance(module, SelfAttention_v1):
+        queries, keys = x @ module.W_query, x @ module.W_key
+    else:
+        queries, keys = module.W_query(x), module.W_key(x)
+    return torch.softmax(queries @ keys.T / keys.shape[-1] ** 0.5, dim=-1)
+
+
+def book_run(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context vectors, attention weights) as the book computes them, with x's batch axis."""
+    batched = x.dim() == 3
+    items = x if batched else x.unsqueeze(0)
+    _, num_tokens, d_in = items.shape
+    with torch.no_grad():
+        if case.variant == "simplified":  # section 3.3, 2-D only: item by item
+            context = torch.stack([simplified(item) for item in items])
+            weights = torch.stack([torch.softmax(item @ item.T, dim=-1) for item in items])
+        elif case.variant == "self-attention":  # the book's classes are 2-D only
+            module = book_module(case, d_in, num_tokens)
+            context = torch.stack([module(item) for item in items])
+            weights = torch.stack([self_attention_weights(module, item) for item in items])
+        else:
+            module = book_module(case, d_in, num_tokens)
+            captured: list[torch.Tensor] = []
+            dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout)]
+            for dropout in dropouts:  # in call order: one per wrapper head, in head order
+                dropout.register_forward_hook(lambda m, i, output: captured.append(output.clone()))
+            assert module.training, "the book's modules run in training mode"
+            context = module(items)
+            assert len(captured) == len(dropouts)
+            if case.variant == "causal":
+                weights = captured[0]  # (b, T, T)
+            elif case.implementation == "wrapper":
+                weights = torch.stack(captured, dim=1)  # (b, H, T, T)
+            else:
+                weights = captured[0]  # (b, H, T, T)
+    if not batched:
+        context, weights = context[0], weights[0]
+    return context, weights
+
+
+async def post(client, variant: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(f"/attention/{variant}", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_close(actual: Any, expected: torch.Tensor, what: str) -> None:
+    actual = np.asarray(actual, dtype=np.float32)
+    assert actual.shape == tuple(expected.shape), f"{what}: {actual.shape} != {expected.shape}"
+    np.testing.assert_allclose(actual, expected.numpy(), rtol=0, atol=ATOL, err_msg=what)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+async def test_matches_the_book_class(client, case):
+    x = case.inputs()
+    body = await post(client, case.variant, case.body(x))
+    context, weights = book_run(case, x)
+    assert_close(body["context_vectors"], context, "context_vectors")
+    assert_close(body["attention_weights"], weights, "attention_weights")
+    if case.params.get("dropout", 0.0) > 0:
+        # The same dropout mask: the same weights zeroed, exactly.
+        dropped = np.asarray(body["attention_weights"]) == 0.0
+        assert np.array_equal(dropped, (weights == 0.0).numpy()), "dropout masks differ"
+
+
+def test_cases_cover_every_variant_and_implementation():
+    covered = {(case.variant, case.implementation) for case in CASES}
+    expected = {
+        (name, implementation)
+        for name, variant in VARIANTS.items()
+        for implementation in (variant.implementation_names or [None])
+    }
+    assert covered == expected
+
+
+async def test_dropout_zeroes_some_weights_and_scales_the_rest(client):
+    """A guard that the dropout cases above do drop: p = 0.5 zeroes weights below the diagonal."""
+    case = next(case for case in CASES if case.id == "causal-dropout0.5")
+    body = await post(client, "causal", case.body(case.inputs()))
+    weights = np.asarray(body["attention_weights"])
+    lower = weights[np.tril_indices(weights.shape[0])]
+    assert (lower == 0.0).any()
+    assert (lower > 0.0).any()
+    # Kept weights are scaled by 1 / (1 - p): the first row's only weight, 1, becomes 2 or 0.
+    assert weights[0, 0] in (0.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "p", "seed"),
+    [((6, 6), 0.5, 123), ((2, 3, 5, 5), 0.1, 0), ((4, 7), 0.9, 2**40), ((3, 3), 0.5, 1)],
+)
+def test_book_dropout_is_nn_dropout(shape, p, seed):
+    """The library's dropout draws the mask nn.Dropout draws from the global RNG, bit for bit."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    expected = nn.Dropout(p)(x)
+    actual = book_dropout(x, p, torch.Generator().manual_seed(seed))
+    assert torch.equal(actual, expected)
+
+
+# --- text input --------------------------------------------------------------------------------
+
+
+async def test_text_input_is_embedded_as_chapter_2_does(client):
+    text, ids = BOOK["gpt2_tokens"]["text"], BOOK["gpt2_tokens"]["ids"]
+    body = await post(
+        client,
+        "causal",
+        {
+            "text": text,
+            "embedding_dim": 8,
+            "context_length": 32,
+            "embedding_seed": 7,
+            "seed": 5,
+            "d_out": 4,
+        },
+    )
+    assert [token["id"] for token in body["tokens"]] == ids
+
+    num_tokens = len(ids)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        token_embedding = nn.Embedding(50257, 8)
+        position_embedding = nn.Embedding(32, 8)
+        x = token_embedding(torch.tensor(ids)) + position_embedding(torch.arange(num_tokens))
+        torch.manual_seed(5)
+        expected = CausalAttention(8, 4, 32, 0.0)(x.unsqueeze(0))[0]
+    assert expected.shape == (num_tokens, 4)
+    assert_close(body["context_vectors"], expected, "context_vectors")
+    assert body["config"]["d_in"] == 8
+
+
+# --- the fused path (return_weights: false) ----------------------------------------------------
+
+FUSED_CASES = [
+    (name, implementation, batched, num_tokens)
+    for name, variant in VARIANTS.items()
+    for implementation in (variant.implementation_names or [None])
+    for batched in (False, True)
+    for num_tokens in (1, 2, 17, 64)
+]
+
+
+@pytest.mark.parametrize(
+    ("variant", "implementation", "batched", "num_tokens"),
+    FUSED_CASES,
+    ids=[f"{v}{':' + i if i else ''}-{'batch' if b else '2d'}-T{t}" for v, i, b, t in FUSED_CASES],
+)
+async def test_fused_path_equals_the_plain_path(
+    client, variant, implementation, batched, num_tokens
+):
+    shape = (2, num_tokens, 8) if batched else (num_tokens, 8)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(num_tokens))
+    body = {"embeddings": x.tolist()}
+    if implementation is not None:
+        body["implementation"] = implementation
+    if variant != "simplified":
+        body["seed"] = 42
+
+    plain = await post(client, variant, body)
+    fused = await post(client, variant, {**body, "return_weights": False})
+    assert "attention_weights" not in fused
+    assert "attention_weights" in plain
+    actual, expected = np.asarray(fused["context_vectors"]), np.asarray(plain["context_vectors"])
+    assert actual.shape == expected.shape
+    assert actual.shape[:-1] == shape[:-1]
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL)
