@@ -52,6 +52,7 @@ class Engine:
         self.settings = settings
         self.runner = AttentionRunner(settings.module_cache_size)
         self.tables = EmbeddingTables(settings.embedding_cache_size)
+        self.threads = settings.torch_threads or torch.get_num_threads()
 
     def warm_up(self) -> None:
         """Load the encoding and the default embedding tables before the first request."""
@@ -176,8 +177,15 @@ class Engine:
         )  # (T, d_in)
         return embedded.unsqueeze(0)  # (1, T, d_in)
 
-    def answer(self, job: Job) -> bytes:
-        """The 200 answer's JSON bytes, serialised straight from numpy arrays."""
+    def answer(self, job: Job, *, threads: int) -> bytes:
+        """The 200 answer's JSON bytes, serialised straight from numpy arrays.
+
+        `threads` is the torch intra-op team for this call. OpenMP keeps the team size per
+        calling thread, so the event loop computes tiny requests on one thread (a team of two
+        costs more to wake than the work, and spins on the core the server needs) while a
+        worker thread computes large ones on all of them.
+        """
+        torch.set_num_threads(threads)
         request = job.request
         result = self.runner.run(
             job.variant, self.inputs(job), job.config, return_weights=request.return_weights

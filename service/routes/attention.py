@@ -70,9 +70,9 @@ def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
         job = engine.prepare(variant, parsed)
         # Tiny computations cost less than the hop to a thread; large ones must not block the loop.
         if job.tokens is None and job.multiply_adds <= engine.settings.inline_work_limit:
-            content = engine.answer(job)
+            content = engine.answer(job, threads=1)
         else:
-            content = await run_in_threadpool(engine.answer, job)
+            content = await run_in_threadpool(engine.answer, job, threads=engine.threads)
         return Response(content, media_type="application/json")
 
     return compute
