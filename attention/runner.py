@@ -49,8 +49,10 @@ class AttentionRunner:
         """inputs: (b, T, d_in) float32."""
         variant.check(config)
         module, state_after_init = self.module(variant, config)
-        generator = torch.Generator()
-        generator.set_state(state_after_init)
+        generator = None
+        if config.dropout > 0:  # the only draw after construction
+            generator = torch.Generator()
+            generator.set_state(state_after_init)
         with torch.inference_mode():
             context_vec, attn_weights = module(
                 inputs, generator=generator, return_weights=return_weights

@@ -20,7 +20,11 @@ class SimplifiedSelfAttention(nn.Module):
     """Section 3.3: the inputs are their own queries, keys and values; no weights, no scaling."""
 
     def forward(
-        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
     ) -> Output:
         return attend(x, x, x, causal=False, scaled=False, return_weights=return_weights)
 
@@ -35,7 +39,11 @@ class SelfAttention_v1(nn.Module):  # the book's name
         self.W_value = seeded_rand_parameter(d_in, d_out, generator=generator)
 
     def forward(
-        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
     ) -> Output:
         keys = x @ self.W_key  # (b, T, d_out)
         queries = x @ self.W_query
@@ -55,7 +63,11 @@ class SelfAttention_v2(nn.Module):  # the book's name
         self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
 
     def forward(
-        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
     ) -> Output:
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)
@@ -82,7 +94,11 @@ class CausalAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
     ) -> Output:
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)
@@ -118,7 +134,11 @@ class MultiHeadAttentionWrapper(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
     ) -> Output:
         # Heads run in order, so each draws its dropout mask after the previous one, as in the book.
         outputs = [
@@ -156,7 +176,11 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, x: torch.Tensor, *, generator: torch.Generator, return_weights: bool = True
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
     ) -> Output:
         b, num_tokens, _ = x.shape
         keys = self.W_key(x)  # (b, T, d_out)
