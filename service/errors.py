@@ -4,6 +4,7 @@
 matrix of millions of numbers would turn a short refusal into a long download.
 """
 
+import json
 from typing import Any
 
 import orjson
@@ -17,8 +18,12 @@ MAX_ECHOED_INPUT_BYTES = 200
 
 
 def json_response(status_code: int, content: Any, headers: dict[str, str] | None = None):
+    try:
+        body = orjson.dumps(content, default=repr)
+    except orjson.JSONEncodeError:  # integers beyond 64 bits, which only the stdlib writes
+        body = json.dumps(content, default=repr).encode()
     return Response(
-        orjson.dumps(content, default=repr),
+        body,
         status_code=status_code,
         media_type="application/json",
         headers=headers,
@@ -28,8 +33,11 @@ def json_response(status_code: int, content: Any, headers: dict[str, str] | None
 def _printable(error: dict[str, Any]) -> dict[str, Any]:
     error = {**error, "loc": list(error["loc"])}
     if "input" in error:
-        echoed = orjson.dumps(error["input"], default=repr, option=orjson.OPT_SERIALIZE_NUMPY)
-        if len(echoed) > MAX_ECHOED_INPUT_BYTES:
+        try:
+            too_long = len(repr(error["input"])) > MAX_ECHOED_INPUT_BYTES
+        except RecursionError:  # a deeply nested value
+            too_long = True
+        if too_long:
             del error["input"]
     error.pop("url", None)
     return error

@@ -34,7 +34,7 @@ def invalid(loc: tuple[Any, ...], msg: str, error_type: str = "value_error", **e
     return RequestValidationError([body_error(loc, msg, error_type, **extra)])
 
 
-def decode_fields(body: bytes) -> dict[str, msgspec.Raw]:
+def decode_fields(body: bytes | bytearray) -> dict[str, msgspec.Raw]:
     if not body.strip():
         raise invalid((), "the request body is empty: send a JSON object", "missing")
     try:
@@ -43,6 +43,8 @@ def decode_fields(body: bytes) -> dict[str, msgspec.Raw]:
         raise invalid(
             (), "the request body must be a JSON object", "model_attributes_type"
         ) from None
+    except RecursionError:
+        raise invalid((), "the body nests lists or objects too deeply", "json_invalid") from None
     except msgspec.DecodeError as error:
         raise invalid(
             (),
@@ -144,7 +146,7 @@ class NotFast(Exception):
     """The fast decoder declines; the careful one decides, with a precise message if need be."""
 
 
-def fast_matrix(array: simdjson.Array, body: bytes) -> np.ndarray:
+def fast_matrix(array: simdjson.Array, body: bytes | bytearray) -> np.ndarray:
     """(T, d) or (B, T, d) from a simdjson array, or NotFast for anything but a full box."""
     items = list(array)
     if not items or not isinstance(items[0], simdjson.Array):
@@ -173,28 +175,32 @@ def fast_matrix(array: simdjson.Array, body: bytes) -> np.ndarray:
     return checked_finite(as_float32(flat).reshape(*shape, width))
 
 
-def fast_values(body: bytes) -> dict[str, Any]:
+def fast_values(body: bytes | bytearray) -> dict[str, Any]:
     try:
         document = simdjson.Parser().parse(body)
-    except ValueError:
+        if not isinstance(document, simdjson.Object):
+            raise NotFast
+        values: dict[str, Any] = {}
+        for name in document:
+            value = document[name]  # strings are checked for UTF-8 here, not at parse
+            if name == "embeddings":
+                if not isinstance(value, simdjson.Array):
+                    raise NotFast  # null or not a list: the careful path words the answer
+                values[name] = fast_matrix(value, body)
+            elif isinstance(value, simdjson.Array):
+                values[name] = value.as_list()
+            elif isinstance(value, simdjson.Object):
+                values[name] = value.as_dict()
+            else:
+                values[name] = value
+        return values
+    except NotFast:
+        raise
+    except Exception:  # malformed JSON, big integers, invalid UTF-8: the careful path judges
         raise NotFast from None
-    if not isinstance(document, simdjson.Object):
-        raise NotFast
-    values: dict[str, Any] = {}
-    for name in document:
-        value = document[name]
-        if name == "embeddings" and isinstance(value, simdjson.Array):
-            values[name] = fast_matrix(value, body)
-        elif isinstance(value, simdjson.Array):
-            values[name] = value.as_list()
-        elif isinstance(value, simdjson.Object):
-            values[name] = value.as_dict()
-        else:
-            values[name] = value
-    return values
 
 
-def careful_values(body: bytes) -> dict[str, Any]:
+def careful_values(body: bytes | bytearray) -> dict[str, Any]:
     fields = decode_fields(body)
     values: dict[str, Any] = {}
     for name, fragment in fields.items():
@@ -204,12 +210,13 @@ def careful_values(body: bytes) -> dict[str, Any]:
         else:
             try:
                 values[name] = msgspec.json.decode(raw)
-            except msgspec.MsgspecError as error:  # a number beyond float64, say
+            except (msgspec.MsgspecError, ValueError, RecursionError) as error:  # out of range,
+                # invalid UTF-8, nested too deeply
                 raise invalid((name,), f"{name}: {error}") from None
     return values
 
 
-def parse_request(body: bytes, variant: Variant) -> RequestBase:
+def parse_request(body: bytes | bytearray, variant: Variant) -> RequestBase:
     try:
         values = fast_values(body)
     except NotFast:

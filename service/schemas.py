@@ -24,7 +24,7 @@ def _decoded_embeddings(value: Any) -> np.ndarray:
     # `service.parsing` decodes the matrix from raw JSON before validation; anything else here
     # is a programming error, not a client's.
     if not isinstance(value, np.ndarray):
-        raise TypeError("embeddings reach the model already decoded to a float32 array")
+        raise ValueError("embeddings must be rows of numbers")
     return value
 
 
@@ -203,6 +203,18 @@ def variant_info(variant: Variant) -> VariantInfo:
 
 class ErrorMessage(BaseModel):
     detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    type: str = Field(description="what kind of problem, e.g. `extra_forbidden`, `limit_exceeded`")
+    loc: list[str | int] = Field(description="where: `body`, then the field and any indices")
+    msg: str = Field(description="what was expected and what came")
+    input: Any = Field(None, description="the offending value, when it is short")
+    ctx: dict[str, Any] | None = Field(None, description="for limits: limit, value, setting")
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationErrorItem]
 
 
 VARIANT_NAMES = tuple(VARIANTS)

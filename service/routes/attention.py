@@ -1,6 +1,7 @@
 """`POST /attention/{variant}` for each variant of the registry, and `GET /attention`."""
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.routing import APIRoute
@@ -14,6 +15,7 @@ from service.parsing import parse_request
 from service.schemas import (
     AttentionResponse,
     ErrorMessage,
+    ValidationErrorResponse,
     VariantInfo,
     request_model,
     variant_info,
@@ -42,19 +44,34 @@ async def list_variants() -> list[VariantInfo]:
     return [variant_info(variant) for variant in VARIANTS.values()]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
-    too_large = HTTPException(
-        413, f"the request body exceeds the limit of {limit} bytes (ATTENTION_MAX_BODY_BYTES)"
-    )
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes.
+
+    With a Content-Length the chunks land in one buffer of that size: joining a list of
+    chunks would hold a 60 MB body twice.
+    """
+
+    def too_large(size: str = "the request body") -> HTTPException:
+        message = f"{size} exceeds the limit of {limit} bytes (ATTENTION_MAX_BODY_BYTES)"
+        return HTTPException(413, message)
+
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    if declared.isdigit():
+        size = int(declared)
         if size > limit:
-            raise too_large
+            raise too_large(f"the request body of {size} bytes")
+        body, received = bytearray(size), 0
+        async for chunk in request.stream():
+            if received + len(chunk) > size:
+                raise HTTPException(400, "the request body is longer than its Content-Length")
+            body[received : received + len(chunk)] = chunk
+            received += len(chunk)
+        return body if received == size else body[:received]
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large()
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -78,8 +95,13 @@ def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
     return compute
 
 
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorMessage, "description": "The request body exceeds its limit"},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "Malformed or out-of-range input, or a limit exceeded: each entry names "
+        "the field (`loc`) and what was expected (`msg`)",
+    },
 }
 
 for variant in VARIANTS.values():
