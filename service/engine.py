@@ -125,7 +125,8 @@ class Engine:
         limits.at_most(
             ("embeddings" if tokens is None else "text",), "tokens", num_tokens, "max_tokens"
         )
-        limits.at_most(("d_out",), "d_out", config.d_out, "max_dim")
+        if "d_out" in variant.parameters:  # otherwise d_out is d_in, checked above
+            limits.at_most(("d_out",), "d_out", config.d_out, "max_dim")
         limits.at_most(("num_heads",), "num_heads", config.num_heads, "max_heads")
         if config.output_dim != config.d_out:
             limits.at_most(

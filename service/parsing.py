@@ -23,6 +23,7 @@ from service.schemas import ALL_PARAMETERS, RequestBase, accepted_fields, reques
 
 MATRIX_TYPES = {2: list[list[float]], 3: list[list[list[float]]]}
 INDEX = re.compile(r"\[(\d+)\]")
+LONE_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])")
 
 
 def body_error(loc: tuple[Any, ...], msg: str, error_type: str = "value_error", **extra: Any):
@@ -46,11 +47,11 @@ def decode_fields(body: bytes | bytearray) -> dict[str, msgspec.Raw]:
     except RecursionError:
         raise invalid((), "the body nests lists or objects too deeply", "json_invalid") from None
     except msgspec.DecodeError as error:
-        raise invalid(
-            (),
-            f"the body is not valid JSON ({error}); note that NaN and Infinity are not JSON",
-            "json_invalid",
-        ) from None
+        if LONE_HIGH_SURROGATE.search(body):  # msgspec reports these as "truncated"
+            message = "a string holds a lone surrogate escape (\\uD800-\\uDBFF without its pair)"
+        else:
+            message = f"{error}; note that NaN and Infinity are not JSON"
+        raise invalid((), f"the body is not valid JSON: {message}", "json_invalid") from None
 
 
 def nesting_depth(raw: bytes) -> int:
