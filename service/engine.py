@@ -179,7 +179,11 @@ class Engine:
         return embedded.unsqueeze(0)  # (1, T, d_in)
 
     def answer(self, job: Job, *, threads: int) -> bytes:
-        """The 200 answer's JSON bytes, serialised straight from numpy arrays.
+        """The 200 answer's JSON bytes, serialised straight from numpy arrays."""
+        return orjson.dumps(self.payload(job, threads=threads), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def payload(self, job: Job, *, threads: int) -> dict[str, Any]:
+        """The answer as a dict whose tensors are C-contiguous numpy arrays.
 
         `threads` is the torch intra-op team for this call. OpenMP keeps the team size per
         calling thread, so the event loop computes tiny requests on one thread (a team of two
@@ -198,7 +202,7 @@ class Engine:
         if job.tokens is not None:
             payload["tokens"] = [{"id": token.id, "text": token.text} for token in job.tokens]
         payload["config"] = self.config_report(job)
-        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        return payload
 
     @staticmethod
     def output(tensor: torch.Tensor, job: Job) -> np.ndarray:
