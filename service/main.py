@@ -27,7 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(engine.warm_up)
+        app.state.ready = True
         yield
+        app.state.ready = False
 
     # Swagger UI's assets are served from the installed package: /docs needs no network.
     app = FastAPIOffline(
