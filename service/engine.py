@@ -4,6 +4,7 @@ One Engine per app holds what is expensive to make (seeded modules, embedding ta
 GPT-2 encoding is loaded once per process.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,11 @@ class Job:
 
 
 class Engine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, count_tokens: Callable[[str, int], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.count_tokens = count_tokens  # (variant, tokens computed), for the metrics
         self.runner = AttentionRunner(settings.module_cache_size)
         self.tables = EmbeddingTables(settings.embedding_cache_size)
         self.threads = settings.torch_threads or torch.get_num_threads()
@@ -135,14 +139,19 @@ class Engine:
                 config.output_dim,
                 "max_dim",
             )
+        weights_floats = batch_size * config.num_heads * num_tokens * num_tokens
         if request.return_weights or config.dropout > 0:
             limits.at_most(
                 (),
                 "attention weights (batch x heads x T x T)",
-                batch_size * config.num_heads * num_tokens * num_tokens,
+                weights_floats,
                 "max_attention_floats",
                 hint='send "return_weights": false (and no dropout) for the fused path',
             )
+        answer_floats = batch_size * num_tokens * config.output_dim
+        if request.return_weights:
+            answer_floats += weights_floats
+        limits.at_most((), "numbers in the answer", answer_floats, "max_answer_floats")
         limits.raise_if_any()
         variant.check(config)
 
@@ -195,6 +204,8 @@ class Engine:
         result = self.runner.run(
             job.variant, self.inputs(job), job.config, return_weights=request.return_weights
         )
+        if self.count_tokens is not None:
+            self.count_tokens(job.variant.name, job.batch_size * job.num_tokens)
         payload: dict[str, Any] = {"variant": job.variant.name}
         if result.attention_weights is not None:
             payload["attention_weights"] = self.output(result.attention_weights, job)
@@ -241,8 +252,11 @@ class Engine:
 class LimitCheck:
     """Collects every limit a request exceeds, so one 422 names them all."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, count_tokens: Callable[[str, int], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.count_tokens = count_tokens  # (variant, tokens computed), for the metrics
         self.errors: list[dict[str, Any]] = []
 
     def at_most(

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
 from attention import AttentionInputError
+from service.concurrency import Saturated
 
 MAX_ECHOED_INPUT_BYTES = 200
 
@@ -53,6 +54,12 @@ async def attention_input_error(request: Request, exc: AttentionInputError) -> R
     return json_response(422, {"detail": [_printable(error)]})
 
 
+async def saturated(request: Request, exc: Saturated) -> Response:
+    request.app.state.metrics.refused.inc()
+    return json_response(503, {"detail": str(exc)}, headers={"Retry-After": "1"})
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(AttentionInputError, attention_input_error)
+    app.add_exception_handler(Saturated, saturated)

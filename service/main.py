@@ -8,8 +8,11 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import errors
+from service.concurrency import ComputeSlots
 from service.engine import Engine
+from service.observability import Metrics, ObservabilityMiddleware, configure_logging
 from service.routes import attention, health
+from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -22,7 +25,9 @@ context vectors. Each variant's examples reproduce the book's printed numbers.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = Engine(settings)
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+    engine = Engine(settings, count_tokens=lambda variant, n: metrics.tokens.labels(variant).inc(n))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,9 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.compute_slots = ComputeSlots(
+        settings.max_concurrent_computations, settings.max_queued_computations
+    )
     errors.install(app)
     app.include_router(attention.router)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app
 
 

@@ -28,12 +28,26 @@ class Settings(BaseSettings):
         "dropout needs them (the fused path without weights never holds them)",
     )
 
+    max_answer_floats: int = Field(
+        64 * MIB,
+        ge=1,
+        description="numbers in one answer (weights and context vectors): ~10 bytes of JSON each",
+    )
+    max_concurrent_computations: int = Field(
+        2, ge=1, description="large computations running at once, each on a worker thread"
+    )
+    max_queued_computations: int = Field(
+        16, ge=0, description="large computations waiting for a slot; beyond them, a 503"
+    )
+
     # Caches of seeded modules and of embedding tables (50257 x embedding_dim floats each).
     module_cache_size: int = Field(32, ge=0)
     embedding_cache_size: int = Field(4, ge=0)
 
     # Execution.
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
+    log_level: str = Field("info", description="level of the service's JSON logs")
+    access_log: bool = Field(True, description="one JSON log line per request")
     inline_work_limit: int = Field(
         200_000,
         ge=0,

@@ -5,10 +5,10 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from attention import VARIANTS, Variant
+from service.concurrency import ComputeSlots
 from service.engine import Engine
 from service.examples import EXAMPLES
 from service.parsing import parse_request
@@ -79,24 +79,36 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
 def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
     async def compute(request: Request) -> Response:
         engine: Engine = request.app.state.engine
+        slots: ComputeSlots = request.app.state.compute_slots
         body = await read_body(request, engine.settings.max_body_bytes)
         if len(body) > INLINE_BODY_BYTES:
-            parsed = await run_in_threadpool(parse_request, body, variant)
+            # Tens of MB of JSON would stall the event loop: decode and compute on a worker.
+            content = await slots.run(answer_body, engine, variant, body)
         else:
-            parsed = parse_request(body, variant)
-        job = engine.prepare(variant, parsed)
-        # Tiny computations cost less than the hop to a thread; large ones must not block the loop.
-        if job.tokens is None and job.multiply_adds <= engine.settings.inline_work_limit:
-            content = engine.answer(job, threads=1)
-        else:
-            content = await run_in_threadpool(engine.answer, job, threads=engine.threads)
+            job = engine.prepare(variant, parse_request(body, variant))
+            # Tiny computations cost less than the hop to a thread; large ones must not block
+            # the loop. Text goes to a worker: a new embedding table takes a while to build.
+            if job.tokens is None and job.multiply_adds <= engine.settings.inline_work_limit:
+                content = engine.answer(job, threads=1)
+            else:
+                content = await slots.run(engine.answer, job, threads=engine.threads)
         return Response(content, media_type="application/json")
 
     return compute
 
 
+def answer_body(engine: Engine, variant: Variant, body: bytes | bytearray) -> bytes:
+    return engine.answer(
+        engine.prepare(variant, parse_request(body, variant)), threads=engine.threads
+    )
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorMessage, "description": "The request body exceeds its limit"},
+    503: {
+        "model": ErrorMessage,
+        "description": "Too many large computations running and queued; see Retry-After",
+    },
     422: {
         "model": ValidationErrorResponse,
         "description": "Malformed or out-of-range input, or a limit exceeded: each entry names "

@@ -1,0 +1,149 @@
+"""Operations: request ids, metrics, logs, saturation, answer-size limit, determinism under load."""
+
+import asyncio
+import logging
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from service.main import create_app
+from service.settings import Settings
+from tests.conftest import BOOK, make_client
+
+BOOK_REQUEST = {"embeddings": BOOK["inputs"], "d_out": 2, "seed": 789}
+
+
+async def test_a_request_id_is_echoed_when_given_and_made_when_not(client):
+    given = await client.post(
+        "/attention/self-attention", json=BOOK_REQUEST, headers={"X-Request-ID": "trace-42"}
+    )
+    made = await client.post("/attention/self-attention", json=BOOK_REQUEST)
+    unprintable = await client.get("/healthz", headers={"X-Request-ID": "a" * 200})
+
+    assert given.headers["x-request-id"] == "trace-42"
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", unprintable.headers["x-request-id"])
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = rf"^{name}\{{{wanted}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_metrics_count_requests_by_route_and_status_and_tokens_by_variant():
+    async with make_client(Settings()) as client:
+        await client.post("/attention/causal", json={"embeddings": BOOK["inputs"]})
+        await client.post("/attention/causal", json={"embeddings": [BOOK["inputs"]] * 3})
+        await client.post("/attention/causal", json={"embeddings": [[1, True]]})
+        await client.post("/attention/nope", json={})
+        response = await client.get("/metrics")
+
+    text = response.text
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    requests = "attention_http_requests_total"
+    assert metric(text, requests, method="POST", route="/attention/causal", status="200") == 2
+    assert metric(text, requests, method="POST", route="/attention/causal", status="422") == 1
+    assert metric(text, requests, method="POST", route="/attention/{variant}", status="404") == 1
+    assert metric(text, "attention_tokens_processed_total", variant="causal") == 6 + 18
+    latency = "attention_http_request_duration_seconds_count"
+    assert metric(text, latency, method="POST", route="/attention/causal") == 3
+
+
+async def test_each_request_logs_one_json_line_with_its_id():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("service.access")
+    logger.addHandler(handler)
+    try:
+        async with make_client(Settings()) as client:
+            await client.post(
+                "/attention/simplified",
+                json={"embeddings": [[1.0, 2.0]]},
+                headers={"X-Request-ID": "abc"},
+            )
+    finally:
+        logger.removeHandler(handler)
+
+    (record,) = records
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["request_id"] == "abc"
+    assert fields["route"] == "/attention/simplified"
+    assert fields["status"] == 200
+    assert fields["duration_ms"] > 0
+    from service.observability import JsonFormatter
+
+    assert '"request_id":"abc"' in JsonFormatter().format(record)
+
+
+async def test_a_full_queue_of_large_computations_answers_503_with_retry_after():
+    settings = Settings(max_concurrent_computations=1, max_queued_computations=0)
+    large = {
+        "embeddings": np.random.default_rng(0).standard_normal((512, 256)).tolist(),
+        "num_heads": 4,
+        "return_weights": False,
+    }
+    async with make_client(settings) as client:
+        first, second = await asyncio.gather(
+            client.post("/attention/multi-head", json=large),
+            client.post("/attention/multi-head", json=large),
+        )
+        small = await client.post("/attention/self-attention", json=BOOK_REQUEST)
+        metrics = (await client.get("/metrics")).text
+
+    assert sorted([first.status_code, second.status_code]) == [200, 503]
+    refused = first if first.status_code == 503 else second
+    assert refused.headers["retry-after"] == "1"
+    assert "ATTENTION_MAX_CONCURRENT_COMPUTATIONS" in refused.json()["detail"]
+    assert small.status_code == 200  # tiny requests are computed inline, never refused
+    assert metric(metrics, "attention_saturated_refusals_total") == 1
+
+
+async def test_an_answer_over_the_number_limit_is_refused_before_any_work():
+    async with make_client(Settings(max_answer_floats=40)) as client:
+        response = await client.post("/attention/self-attention", json=BOOK_REQUEST)
+        without_weights = await client.post(
+            "/attention/self-attention", json={**BOOK_REQUEST, "return_weights": False}
+        )
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["type"] == "limit_exceeded"
+    assert "numbers in the answer = 48" in error["msg"]  # 6 x 6 weights + 6 x 2 context
+    assert "ATTENTION_MAX_ANSWER_FLOATS" in error["msg"]
+    assert without_weights.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def concurrent_app():
+    # Room for all 64 at once: this test is about answers, not refusals.
+    return create_app(Settings(max_queued_computations=64))
+
+
+async def test_64_concurrent_requests_over_8_seeds_each_equal_their_serial_answer(concurrent_app):
+    rng = np.random.default_rng(7)
+    inputs = rng.standard_normal((2, 64, 32)).round(4).tolist()  # large: worker threads
+    bodies = [
+        {"embeddings": inputs, "num_heads": 4, "seed": seed, "dropout": 0.3} for seed in range(8)
+    ]
+    transport = httpx.ASGITransport(app=concurrent_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        serial = [
+            (await client.post("/attention/multi-head", json=body)).content for body in bodies
+        ]
+        order = [index % 8 for index in range(64)]
+        concurrent = await asyncio.gather(
+            *(client.post("/attention/multi-head", json=bodies[index]) for index in order)
+        )
+
+    # Large enough to run on worker threads, where a shared RNG would show.
+    assert 2 * 64 * (4 * 32 * 32) > concurrent_app.state.engine.settings.inline_work_limit
+    assert len(set(serial)) == 8  # the seeds do give different answers
+    for index, response in zip(order, concurrent, strict=True):
+        assert response.status_code == 200
+        assert response.content == serial[index]
