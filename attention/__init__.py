@@ -2,11 +2,12 @@
 
 from attention.embeddings import EmbeddingTables
 from attention.errors import AttentionInputError
-from attention.registry import VARIANTS, AttentionConfig, Variant
+from attention.registry import STEPS, VARIANTS, AttentionConfig, Variant
 from attention.runner import AttentionResult, AttentionRunner
 from attention.tokenizer import Token, gpt2_encoding, tokenize
 
 __all__ = [
+    "STEPS",
     "VARIANTS",
     "AttentionConfig",
     "AttentionInputError",

@@ -39,24 +39,37 @@ def attend(
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
     return_weights: bool = True,
+    steps: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context vectors (..., T, d_v) and, when asked, the attention weights (..., T, T).
 
     queries, keys: (..., T, d_k); values: (..., T, d_v). `scaled` divides the scores by sqrt(d_k)
-    (section 3.4 on); the simplified attention of section 3.3 does not.
+    (section 3.4 on); the simplified attention of section 3.3 does not. A `steps` dict receives
+    the intermediate tensors under the book's names (and forces the explicit path, which has them):
+    `attention_scores` (raw Q K^T), `mask` (T, T; causal only), `scaled_scores` (what the softmax
+    sees: masked with -inf, divided by sqrt(d_k)), `weights_before_dropout` (causal only).
     """
-    if not return_weights and dropout == 0.0:
+    if not return_weights and dropout == 0.0 and steps is None:
         context_vec = F.scaled_dot_product_attention(
             queries, keys, values, is_causal=causal, scale=None if scaled else 1.0
         )
         return context_vec, None
 
     attn_scores = queries @ keys.transpose(-2, -1)  # (..., T, T)
+    if steps is not None:
+        steps["attention_scores"] = attn_scores
     if causal:
-        attn_scores = attn_scores.masked_fill(causal_mask(attn_scores.shape[-1]), -torch.inf)
+        mask = causal_mask(attn_scores.shape[-1])
+        attn_scores = attn_scores.masked_fill(mask, -torch.inf)
+        if steps is not None:
+            steps["mask"] = mask
     if scaled:
         attn_scores = attn_scores / keys.shape[-1] ** 0.5
+        if steps is not None:
+            steps["scaled_scores"] = attn_scores
     attn_weights = torch.softmax(attn_scores, dim=-1)
+    if steps is not None and causal:
+        steps["weights_before_dropout"] = attn_weights
     if dropout > 0.0:
         if generator is None:
             raise ValueError("dropout needs a seeded generator")

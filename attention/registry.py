@@ -13,7 +13,22 @@ from attention import variants
 from attention.errors import AttentionInputError
 
 # Parameters every variant with trainable weights accepts; `simplified` has none of them.
-WEIGHTED = ("d_out", "seed", "qkv_bias")
+WEIGHTED = ("d_out", "seed", "qkv_bias", "parameters")
+
+# The intermediate tensors a request may `include`, in the order the computation makes them.
+STEPS = (
+    "queries",  # x @ W_query: (b, T, d_out); multi-head per head (b, H, T, head_dim)
+    "keys",
+    "values",
+    "attention_scores",  # queries @ keys.T, raw: (b, T, T); multi-head (b, H, T, T)
+    "mask",  # (T, T) booleans, True where a query may not look (the future)
+    "scaled_scores",  # what the softmax sees: masked with -inf, divided by sqrt(d_k)
+    "weights_before_dropout",  # the softmax's output, before dropout
+    "head_outputs",  # each head's context vectors, before out_proj or concatenation
+    "parameters",  # every weight matrix and bias, x @ W convention
+)
+TRAINED_STEPS = ("queries", "keys", "values", "attention_scores", "scaled_scores", "parameters")
+CAUSAL_STEPS = (*TRAINED_STEPS, "mask", "weights_before_dropout")
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,13 @@ class Variant:
         repr=False, compare=False
     )
     multi_head: bool = False
+    # The names `include` accepts for this variant (a subset of STEPS).
+    steps: tuple[str, ...] = ()
+
+    @property
+    def step_names(self) -> list[str]:
+        """This variant's steps, in STEPS's order."""
+        return [name for name in STEPS if name in self.steps]
 
     @property
     def default_implementation(self) -> str | None:
@@ -110,6 +132,7 @@ VARIANTS: dict[str, Variant] = {
             implementations={
                 None: (None, lambda config, generator: variants.SimplifiedSelfAttention())
             },
+            steps=("attention_scores",),
         ),
         Variant(
             name="self-attention",
@@ -131,6 +154,7 @@ VARIANTS: dict[str, Variant] = {
                     ),
                 ),
             },
+            steps=TRAINED_STEPS,
         ),
         Variant(
             name="causal",
@@ -150,6 +174,7 @@ VARIANTS: dict[str, Variant] = {
                     ),
                 )
             },
+            steps=CAUSAL_STEPS,
         ),
         Variant(
             name="multi-head",
@@ -182,6 +207,7 @@ VARIANTS: dict[str, Variant] = {
                 ),
             },
             multi_head=True,
+            steps=(*CAUSAL_STEPS, "head_outputs"),
         ),
     )
 }

@@ -14,6 +14,12 @@ from attention.functional import attend
 from attention.initialisation import seeded_linear, seeded_rand_parameter
 
 Output = tuple[torch.Tensor, torch.Tensor | None]
+Steps = dict[str, torch.Tensor]  # intermediate tensors by the book's names, filled when given
+
+
+def record(steps: Steps | None, **tensors: torch.Tensor) -> None:
+    if steps is not None:
+        steps.update(tensors)
 
 
 class SimplifiedSelfAttention(nn.Module):
@@ -25,8 +31,11 @@ class SimplifiedSelfAttention(nn.Module):
         *,
         generator: torch.Generator | None = None,
         return_weights: bool = True,
+        steps: Steps | None = None,
     ) -> Output:
-        return attend(x, x, x, causal=False, scaled=False, return_weights=return_weights)
+        return attend(
+            x, x, x, causal=False, scaled=False, return_weights=return_weights, steps=steps
+        )
 
 
 class SelfAttention_v1(nn.Module):  # the book's name
@@ -44,11 +53,15 @@ class SelfAttention_v1(nn.Module):  # the book's name
         *,
         generator: torch.Generator | None = None,
         return_weights: bool = True,
+        steps: Steps | None = None,
     ) -> Output:
         keys = x @ self.W_key  # (b, T, d_out)
         queries = x @ self.W_query
         values = x @ self.W_value
-        return attend(queries, keys, values, causal=False, return_weights=return_weights)
+        record(steps, queries=queries, keys=keys, values=values)
+        return attend(
+            queries, keys, values, causal=False, return_weights=return_weights, steps=steps
+        )
 
 
 class SelfAttention_v2(nn.Module):  # the book's name
@@ -68,11 +81,15 @@ class SelfAttention_v2(nn.Module):  # the book's name
         *,
         generator: torch.Generator | None = None,
         return_weights: bool = True,
+        steps: Steps | None = None,
     ) -> Output:
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)
         values = self.W_value(x)
-        return attend(queries, keys, values, causal=False, return_weights=return_weights)
+        record(steps, queries=queries, keys=keys, values=values)
+        return attend(
+            queries, keys, values, causal=False, return_weights=return_weights, steps=steps
+        )
 
 
 class CausalAttention(nn.Module):
@@ -99,10 +116,12 @@ class CausalAttention(nn.Module):
         *,
         generator: torch.Generator | None = None,
         return_weights: bool = True,
+        steps: Steps | None = None,
     ) -> Output:
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)
         values = self.W_value(x)
+        record(steps, queries=queries, keys=keys, values=values)
         return attend(
             queries,
             keys,
@@ -111,6 +130,7 @@ class CausalAttention(nn.Module):
             dropout=self.dropout,
             generator=generator,
             return_weights=return_weights,
+            steps=steps,
         )
 
 
@@ -139,11 +159,21 @@ class MultiHeadAttentionWrapper(nn.Module):
         *,
         generator: torch.Generator | None = None,
         return_weights: bool = True,
+        steps: Steps | None = None,
     ) -> Output:
         # Heads run in order, so each draws its dropout mask after the previous one, as in the book.
+        head_steps: list[Steps | None] = [None if steps is None else {} for _ in self.heads]
         outputs = [
-            head(x, generator=generator, return_weights=return_weights) for head in self.heads
+            head(x, generator=generator, return_weights=return_weights, steps=own)
+            for head, own in zip(self.heads, head_steps, strict=True)
         ]
+        if steps is not None:  # each head's steps stacked on a head axis: (b, H, ...)
+            for name in head_steps[0]:
+                if name == "mask":  # (T, T), the same for every head
+                    steps[name] = head_steps[0][name]
+                else:
+                    steps[name] = torch.stack([own[name] for own in head_steps], dim=1)
+            steps["head_outputs"] = torch.stack([context for context, _ in outputs], dim=1)
         context_vec = torch.cat([context for context, _ in outputs], dim=-1)  # (b, T, H * d_out)
         if not return_weights:
             return context_vec, None
@@ -181,6 +211,7 @@ class MultiHeadAttention(nn.Module):
         *,
         generator: torch.Generator | None = None,
         return_weights: bool = True,
+        steps: Steps | None = None,
     ) -> Output:
         b, num_tokens, _ = x.shape
         keys = self.W_key(x)  # (b, T, d_out)
@@ -191,6 +222,7 @@ class MultiHeadAttention(nn.Module):
         keys = keys.view(split).transpose(1, 2)  # (b, H, T, head_dim)
         queries = queries.view(split).transpose(1, 2)
         values = values.view(split).transpose(1, 2)
+        record(steps, queries=queries, keys=keys, values=values)
 
         context_vec, attn_weights = attend(
             queries,
@@ -200,7 +232,9 @@ class MultiHeadAttention(nn.Module):
             dropout=self.dropout,
             generator=generator,
             return_weights=return_weights,
+            steps=steps,
         )  # (b, H, T, head_dim), (b, H, T, T)
+        record(steps, head_outputs=context_vec)
         context_vec = context_vec.transpose(1, 2).reshape(
             b, num_tokens, self.d_out
         )  # (b, T, d_out)

@@ -14,6 +14,7 @@ import torch
 from fastapi.exceptions import RequestValidationError
 
 from attention import (
+    STEPS,
     AttentionConfig,
     AttentionRunner,
     EmbeddingTables,
@@ -22,6 +23,7 @@ from attention import (
     gpt2_encoding,
     tokenize,
 )
+from attention.parameters import Parameters, parameter_shapes
 from service.parsing import body_error
 from service.schemas import TEXT_PARAMETERS, RequestBase
 from service.settings import Settings
@@ -39,6 +41,8 @@ class Job:
     tokens: list[Token] | None
     batch_size: int
     num_tokens: int
+    include: tuple[str, ...] = ()  # steps to return, checked against the variant's
+    parameters: Parameters | None = None  # supplied weights, as float32 tensors
 
     @property
     def multiply_adds(self) -> int:
@@ -126,6 +130,7 @@ class Engine:
             limits.at_most(("embeddings",), "d_in", d_in, "max_dim")
 
         config = self.resolve(variant, request, d_in)
+        include = self.checked_include(variant, request)
         limits.at_most(
             ("embeddings" if tokens is None else "text",), "tokens", num_tokens, "max_tokens"
         )
@@ -140,7 +145,7 @@ class Engine:
                 "max_dim",
             )
         weights_floats = batch_size * config.num_heads * num_tokens * num_tokens
-        if request.return_weights or config.dropout > 0:
+        if request.return_weights or config.dropout > 0 or include:
             limits.at_most(
                 (),
                 "attention weights (batch x heads x T x T)",
@@ -151,14 +156,80 @@ class Engine:
         answer_floats = batch_size * num_tokens * config.output_dim
         if request.return_weights:
             answer_floats += weights_floats
+        answer_floats += self.steps_floats(include, config, batch_size, num_tokens)
         limits.at_most((), "numbers in the answer", answer_floats, "max_answer_floats")
         limits.raise_if_any()
         variant.check(config)
+        parameters = None
+        if getattr(request, "parameters", None) is not None:
+            module, _ = self.runner.module(variant, config)
+            parameters = checked_parameters(request.parameters, parameter_shapes(module))
 
         embeddings = None
         if request.embeddings is not None:
             embeddings = request.embeddings if batched else request.embeddings[np.newaxis]
-        return Job(variant, request, config, batched, embeddings, tokens, batch_size, num_tokens)
+        return Job(
+            variant,
+            request,
+            config,
+            batched,
+            embeddings,
+            tokens,
+            batch_size,
+            num_tokens,
+            include,
+            parameters,
+        )
+
+    @staticmethod
+    def checked_include(variant: Variant, request: RequestBase) -> tuple[str, ...]:
+        """The requested steps, deduplicated in order; an unknown or inapplicable one is a 422."""
+        names = getattr(request, "include", None) or []
+        valid = variant.step_names
+        errors = []
+        for index, name in enumerate(names):
+            if name not in STEPS:
+                errors.append(
+                    body_error(
+                        ("include", index),
+                        f"unknown step {name!r}; the steps are: {', '.join(STEPS)} "
+                        f"(for variant {variant.name!r}: {', '.join(valid)})",
+                        "literal_error",
+                    )
+                )
+            elif name not in valid:
+                errors.append(
+                    body_error(
+                        ("include", index),
+                        f"step {name!r} does not apply to variant {variant.name!r}; "
+                        f"its steps are: {', '.join(valid)}",
+                        "literal_error",
+                    )
+                )
+        if errors:
+            raise RequestValidationError(errors)
+        return tuple(dict.fromkeys(names))
+
+    @staticmethod
+    def steps_floats(
+        include: tuple[str, ...], config: AttentionConfig, batch_size: int, num_tokens: int
+    ) -> int:
+        """Numbers the steps add to the answer (parameters counted generously)."""
+        heads = config.num_heads
+        square = batch_size * heads * num_tokens * num_tokens
+        per_token = batch_size * num_tokens * heads * config.head_dim
+        sizes = {
+            "queries": per_token,
+            "keys": per_token,
+            "values": per_token,
+            "attention_scores": square,
+            "mask": num_tokens * num_tokens,
+            "scaled_scores": square,
+            "weights_before_dropout": square,
+            "head_outputs": per_token,
+            "parameters": (3 * config.d_in + 4) * config.output_dim + config.d_out**2 + 1,
+        }
+        return sum(sizes[name] for name in include)
 
     @staticmethod
     def resolve(variant: Variant, request: RequestBase, d_in: int) -> AttentionConfig:
@@ -202,7 +273,12 @@ class Engine:
         torch.set_num_threads(threads)
         request = job.request
         result = self.runner.run(
-            job.variant, self.inputs(job), job.config, return_weights=request.return_weights
+            job.variant,
+            self.inputs(job),
+            job.config,
+            return_weights=request.return_weights,
+            include=job.include,
+            parameters=job.parameters,
         )
         if self.count_tokens is not None:
             self.count_tokens(job.variant.name, job.batch_size * job.num_tokens)
@@ -212,6 +288,13 @@ class Engine:
         payload["context_vectors"] = self.output(result.context_vectors, job)
         if job.tokens is not None:
             payload["tokens"] = [{"id": token.id, "text": token.text} for token in job.tokens]
+        if job.include:
+            payload["steps"] = {
+                name: self.parameters_output(value, job)
+                if name == "parameters"
+                else self.step_output(value, job, batch_axis=name != "mask")
+                for name, value in result.steps.items()
+            }
         payload["config"] = self.config_report(job)
         return payload
 
@@ -223,6 +306,29 @@ class Engine:
         if job.request.decimals is not None:
             array = np.round(array, job.request.decimals)
         return np.ascontiguousarray(array)
+
+    @classmethod
+    def step_output(
+        cls, tensor: torch.Tensor, job: Job, *, batch_axis: bool = True
+    ) -> dict[str, Any]:
+        """`{"shape", "data"}`, following the 2-D/3-D rule and `decimals` as the outputs do."""
+        if tensor.dtype == torch.bool or not batch_axis:
+            array = tensor.numpy()
+            if tensor.dtype != torch.bool and job.request.decimals is not None:
+                array = np.round(array, job.request.decimals)
+            array = np.ascontiguousarray(array)
+        else:
+            array = cls.output(tensor, job)
+        return {"shape": list(array.shape), "data": array}
+
+    @classmethod
+    def parameters_output(cls, named: Parameters, job: Job) -> dict[str, Any]:
+        return {
+            name: [cls.parameters_output(head, job) for head in value]
+            if name == "heads"
+            else cls.step_output(value.detach(), job, batch_axis=False)
+            for name, value in named.items()
+        }
 
     @staticmethod
     def config_report(job: Job) -> dict[str, Any]:
@@ -247,6 +353,81 @@ class Engine:
             for name in TEXT_PARAMETERS:
                 report[name] = getattr(request, name)
         return report
+
+
+def checked_parameters(
+    supplied: dict[str, Any], expected: dict[str, Any], loc: tuple[Any, ...] = ("parameters",)
+) -> Parameters:
+    """The supplied weights as float32 tensors, or a 422 naming what was expected."""
+    if not isinstance(supplied, dict):
+        raise RequestValidationError(
+            [body_error(loc, f"expected an object with {', '.join(expected)}", "dict_type")]
+        )
+    wanted = ", ".join(
+        f"{name} (a list of {len(shape)} heads)" if name == "heads" else f"{name} {shape}"
+        for name, shape in expected.items()
+    )
+    errors = [
+        body_error((*loc, name), f"missing {name!r}; this configuration takes {wanted}", "missing")
+        for name in expected
+        if name not in supplied
+    ] + [
+        body_error(
+            (*loc, name),
+            f"unexpected {name!r}; this configuration takes {wanted}",
+            "extra_forbidden",
+        )
+        for name in supplied
+        if name not in expected
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+    converted: Parameters = {}
+    for name, shape in expected.items():
+        value = supplied[name]
+        if name == "heads":
+            if not isinstance(value, list) or len(value) != len(shape):
+                raise RequestValidationError(
+                    [body_error((*loc, name), f"expected a list of {len(shape)} heads' weights")]
+                )
+            converted[name] = [
+                checked_parameters(head, head_shapes, (*loc, name, index))
+                for index, (head, head_shapes) in enumerate(zip(value, shape, strict=True))
+            ]
+            continue
+        converted[name] = checked_tensor(value, shape, (*loc, name))
+    return converted
+
+
+def checked_tensor(value: Any, shape: list[int], loc: tuple[Any, ...]) -> torch.Tensor:
+    if isinstance(value, dict) and "data" in value:  # a step's {"shape", "data"} sent back
+        value = value["data"]
+    what = f"a {' x '.join(map(str, shape))} " + ("matrix" if len(shape) == 2 else "vector")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, RecursionError):
+        array = None
+    if array is None or array.dtype.kind not in "iuf":
+        raise RequestValidationError(
+            [body_error(loc, f"expected {what} of numbers, shape {shape}", "list_type")]
+        )
+    if list(array.shape) != shape:
+        raise RequestValidationError(
+            [
+                body_error(
+                    loc,
+                    f"expected shape {shape} ({what}, x @ W convention: W is d_in x d_out), "
+                    f"got shape {list(array.shape)}",
+                )
+            ]
+        )
+    with np.errstate(over="ignore"):
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise RequestValidationError(
+            [body_error(loc, "weights must be finite float32 values (|x| < 3.4e38)")]
+        )
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 class LimitCheck:

@@ -11,7 +11,7 @@ from service import errors
 from service.concurrency import ComputeSlots
 from service.engine import Engine
 from service.observability import Metrics, ObservabilityMiddleware, configure_logging
-from service.routes import attention, health
+from service.routes import attention, compare, health
 from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
 
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.max_concurrent_computations, settings.max_queued_computations
     )
     errors.install(app)
+    app.include_router(compare.router)  # before the attention router's catch-all 404
     app.include_router(attention.router)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model
 
-from attention import VARIANTS, Variant
+from attention import STEPS, VARIANTS, Variant
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed
 
@@ -100,6 +100,22 @@ PARAMETER_FIELDS: dict[str, tuple[Any, Any]] = {
         ),
     ),
     "qkv_bias": (bool, Field(False, description="bias in the query/key/value projections")),
+    "parameters": (
+        dict[str, Any] | None,
+        Field(
+            None,
+            description="weights to compute with instead of the seeded ones, named and shaped "
+            'as `include: ["parameters"]` returns them (`x @ W` convention, W shaped '
+            "d_in x d_out): `W_query`, `W_key`, `W_value`, `b_query`, `b_key`, `b_value` with "
+            "`qkv_bias`, `W_out_proj`, `b_out_proj` for the fused multi-head class; the "
+            'wrapper takes `{"heads": [one such object per head]}`. Each is a matrix (or '
+            'vector) of numbers, or the `{"shape", "data"}` object a step comes as. '
+            "`seed` still seeds the dropout masks, as `load_state_dict` after the seeded "
+            "constructor would. A missing, unexpected or misshapen one is a 422 naming the "
+            "expected names and shapes.",
+            json_schema_extra={"additionalProperties": True},
+        ),
+    ),
     "dropout": (
         float,
         Field(
@@ -131,8 +147,70 @@ def request_model(variant: Variant) -> type[RequestBase]:
                 + ", ".join(f"`{name}` ({variant.book_class(name)})" for name in choices),
             ),
         )
+    fields["include"] = (
+        list[str] | None,
+        Field(
+            None,
+            description="intermediate tensors to return under `steps`, each as "
+            '`{"shape": [...], "data": [...]}` (`parameters`: one such object per '
+            'weight, or `{"heads": [...]}` for the wrapper). For this variant: '
+            + ", ".join(f"`{name}`" for name in variant.step_names)
+            + ". Batch axis as the input's; multi-head tensors per head (B, H, T, ...); `mask` "
+            "is T x T booleans (True: may not attend); `scaled_scores` is the softmax's input, "
+            "masked entries -inf, written null. Forces the explicit path (the fused kernel "
+            "has no intermediates).",
+            json_schema_extra={"items": {"type": "string", "enum": variant.step_names}},
+        ),
+    )
     title = "".join(part.capitalize() for part in variant.name.split("-"))
     return create_model(f"{title}Request", __base__=RequestBase, **fields)
+
+
+# Fields of `POST /attention/compare` that no single variant's model has, and those it refuses.
+COMPARE_ONLY = ("variants",)
+NOT_COMPARED = ("parameters",)  # weights are shaped per variant: send them to one variant
+
+
+@cache
+def compare_model() -> type[RequestBase]:
+    """Every variant's fields in one model, plus `variants`; each variant gets those it takes."""
+    fields: dict[str, Any] = {}
+    for variant in VARIANTS.values():
+        for name, field in request_model(variant).model_fields.items():
+            if name in RequestBase.model_fields or name in NOT_COMPARED or name in fields:
+                continue
+            fields[name] = (field.annotation, field)
+    implementations = [
+        name for variant in VARIANTS.values() for name in variant.implementation_names
+    ]
+    fields["implementation"] = (
+        Literal[tuple(implementations)] | None,
+        Field(
+            None,
+            description="passed to the variants that have this implementation "
+            "(`v1`/`v2`: self-attention, `fused`/`wrapper`: multi-head); the others run their "
+            "default",
+        ),
+    )
+    fields["include"] = (
+        list[str] | None,
+        Field(
+            None,
+            description="steps to return (see each variant's `include`); each variant returns "
+            "those of them that apply to it",
+            json_schema_extra={"items": {"type": "string", "enum": list(STEPS)}},
+        ),
+    )
+    fields["variants"] = (
+        list[str] | None,
+        Field(
+            None,
+            min_length=1,
+            description="the variants to run, in this order; all of them when absent",
+            json_schema_extra={"items": {"type": "string", "enum": list(VARIANTS)}},
+        ),
+    )
+    return create_model("CompareRequest", __base__=RequestBase, **fields)
 
 
 def accepted_fields(variant: Variant) -> list[str]:
@@ -153,7 +231,17 @@ class AttentionResponse(BaseModel):
     )
     context_vectors: list[Any] = Field(description="T x d (batch B x T x d)")
     tokens: list[Token] | None = Field(None, description="only for `text` input")
+    steps: dict[str, Any] | None = Field(
+        None,
+        description='the tensors `include` asked for, by name: `{"shape", "data"}` each',
+    )
     config: dict[str, Any] = Field(description="every parameter as resolved")
+
+
+class CompareResponse(BaseModel):
+    answers: dict[str, AttentionResponse] = Field(
+        description="each variant's answer, as its own endpoint gives it, by variant name"
+    )
 
 
 class ParameterInfo(BaseModel):

@@ -1,0 +1,207 @@
+"""`POST /attention/compare`: one input, several variants, their answers side by side.
+
+Each variant gets the request's fields that apply to it and no others: `num_heads` goes to
+`multi-head` only, `dropout` to `causal` and `multi-head`, `implementation` to the variant that
+has that implementation, `include` as the steps that variant has. Included in the app before the
+attention router, whose `POST /attention/{variant}` answers 404 for unknown names.
+"""
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from attention import STEPS, VARIANTS, Variant
+from service.concurrency import ComputeSlots
+from service.engine import Engine, Job
+from service.examples import BOOK_INPUTS, BOOK_SENTENCE, example
+from service.parsing import NotFast, body_error, careful_values, fast_values
+from service.routes.attention import ERROR_RESPONSES, INLINE_BODY_BYTES, OwnBodyRoute, read_body
+from service.schemas import (
+    COMPARE_ONLY,
+    CompareResponse,
+    accepted_fields,
+    compare_model,
+    request_model,
+)
+
+EXAMPLES = {
+    "book": example(
+        "Book chapter 3: the six 3-d inputs through every variant, d_out 2, seed 123",
+        {"embeddings": BOOK_INPUTS, "d_out": 2, "seed": 123, "decimals": 4},
+    ),
+    "steps": example(
+        "Causal and multi-head side by side, with their queries and masks",
+        {
+            "embeddings": BOOK_INPUTS,
+            "d_out": 2,
+            "seed": 123,
+            "variants": ["causal", "multi-head"],
+            "include": ["queries", "mask"],
+            "decimals": 4,
+        },
+    ),
+    "text": example(
+        "A sentence through every variant",
+        {"text": BOOK_SENTENCE, "embedding_dim": 8, "decimals": 4},
+    ),
+}
+
+router = APIRouter(tags=["attention"])
+
+
+def validation_errors(error: ValidationError) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            body_error(e["loc"], e["msg"], e["type"], input=e.get("input"))
+            for e in error.errors(include_url=False, include_context=False)
+        ]
+    )
+
+
+def parse_compare(body: bytes | bytearray) -> list[tuple[Variant, Any]]:
+    """(variant, its validated request) for each variant asked for, in the order asked."""
+    try:
+        values = fast_values(body)
+    except NotFast:
+        values = careful_values(body)
+    model = compare_model()
+    unknown = [name for name in values if name not in model.model_fields]
+    if unknown:
+        accepted = ", ".join(model.model_fields)
+        raise RequestValidationError(
+            [
+                body_error(
+                    (name,),
+                    f"unknown field {name!r}; compare accepts: {accepted}"
+                    + (
+                        " (send parameters to one variant's endpoint)"
+                        if name == "parameters"
+                        else ""
+                    ),
+                    "extra_forbidden",
+                )
+                for name in unknown
+            ]
+        )
+    try:
+        request = model.model_validate(values)
+    except ValidationError as error:
+        raise validation_errors(error) from None
+    names = list(dict.fromkeys(request.variants or VARIANTS))
+    bad = [(i, name) for i, name in enumerate(names) if name not in VARIANTS]
+    if bad:
+        raise RequestValidationError(
+            [
+                body_error(
+                    ("variants", i),
+                    f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}",
+                    "literal_error",
+                )
+                for i, name in bad
+            ]
+        )
+    chosen = [VARIANTS[name] for name in names]
+    unknown_steps = [(i, name) for i, name in enumerate(request.include or []) if name not in STEPS]
+    if unknown_steps:
+        raise RequestValidationError(
+            [
+                body_error(
+                    ("include", i),
+                    f"unknown step {name!r}; the steps are: {', '.join(STEPS)}",
+                    "literal_error",
+                )
+                for i, name in unknown_steps
+            ]
+        )
+    implementation = values.get("implementation")
+    if implementation is not None and not any(
+        implementation in variant.implementation_names for variant in chosen
+    ):
+        raise RequestValidationError(
+            [
+                body_error(
+                    ("implementation",),
+                    f"implementation {implementation!r} belongs to none of the variants "
+                    f"compared ({', '.join(names)})",
+                )
+            ]
+        )
+    return [(variant, variant_request(variant, values)) for variant in chosen]
+
+
+def variant_request(variant: Variant, values: dict[str, Any]) -> Any:
+    accepted = set(accepted_fields(variant))
+    own = {
+        name: value
+        for name, value in values.items()
+        if name in accepted and name not in COMPARE_ONLY
+    }
+    if own.get("implementation") not in variant.implementation_names:
+        own.pop("implementation", None)
+    if own.get("include"):
+        own["include"] = [name for name in own["include"] if name in variant.steps]
+    try:
+        return request_model(variant).model_validate(own)
+    except ValidationError as error:  # cannot happen after compare_model; kept for safety
+        raise validation_errors(error) from None
+
+
+def compare_answer(engine: Engine, jobs: list[Job], threads: int) -> bytes:
+    answers = {job.variant.name: engine.payload(job, threads=threads) for job in jobs}
+    return orjson.dumps({"answers": answers}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def prepare_all(engine: Engine, body: bytes | bytearray) -> list[Job]:
+    return [engine.prepare(variant, request) for variant, request in parse_compare(body)]
+
+
+def compare_body(engine: Engine, body: bytes | bytearray) -> bytes:
+    return compare_answer(engine, prepare_all(engine, body), engine.threads)
+
+
+async def compare(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    slots: ComputeSlots = request.app.state.compute_slots
+    body = await read_body(request, engine.settings.max_body_bytes)
+    if len(body) > INLINE_BODY_BYTES:
+        content = await slots.run(compare_body, engine, body)
+    else:
+        jobs = prepare_all(engine, body)
+        small = sum(job.multiply_adds for job in jobs) <= engine.settings.inline_work_limit
+        if small and all(job.tokens is None for job in jobs):
+            content = compare_answer(engine, jobs, threads=1)
+        else:
+            content = await slots.run(compare_answer, engine, jobs, engine.threads)
+    return Response(content, media_type="application/json")
+
+
+router.add_api_route(
+    "/attention/compare",
+    compare,
+    methods=["POST"],
+    route_class_override=OwnBodyRoute,
+    name="attention_compare",
+    summary="Several variants on one input, side by side",
+    description="One input (embeddings or text) and shared parameters, run through each of "
+    "`variants` (default: all). Each variant gets only the fields that apply to it: `num_heads` "
+    "goes to multi-head alone, `dropout` to causal and multi-head, `implementation` to the "
+    "variant that has it, `include` as the steps the variant has; `parameters` is refused "
+    "(weights are shaped per variant). The answers are those of each variant's own endpoint.",
+    response_model=CompareResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": compare_model().model_json_schema(),
+                    "examples": EXAMPLES,
+                }
+            },
+        }
+    },
+)
