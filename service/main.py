@@ -11,7 +11,7 @@ from service import errors
 from service.concurrency import ComputeSlots
 from service.engine import Engine
 from service.observability import Metrics, ObservabilityMiddleware, configure_logging
-from service.routes import attention, compare, health
+from service.routes import attention, compare, health, inference_protocol, playground
 from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
 
@@ -20,6 +20,7 @@ The attention mechanisms of chapter 3 of *Build a Large Language Model From Scra
 (S. Raschka): simplified self-attention, self-attention with trainable weights, causal
 attention and multi-head attention. POST embeddings or text, get the attention weights and
 context vectors. Each variant's examples reproduce the book's printed numbers.
+Try them in the [playground](/): type a sentence, see each head's weights as a heatmap.
 """
 
 
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(attention.router)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
+    app.include_router(inference_protocol.router)
+    app.include_router(playground.router)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app
 

@@ -19,6 +19,7 @@ import sys
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,9 +69,12 @@ def healthcheck_command() -> list[str]:
     return json.loads(command)
 
 
-def compose_service() -> dict:
-    compose = YAML(typ="safe", pure=True).load((ROOT / "docker-compose.yml").read_text())
-    return compose["services"]["attention"]
+def compose() -> dict:
+    return YAML(typ="safe", pure=True).load((ROOT / "docker-compose.yml").read_text())
+
+
+def compose_service(name: str = "attention") -> dict:
+    return compose()["services"][name]
 
 
 def pyproject_torch_pin() -> str:
@@ -167,11 +171,99 @@ def test_compose_environment_names_real_settings() -> None:
     from service.settings import Settings
 
     examples = re.findall(r"#\s*(ATTENTION_\w+):", (ROOT / "docker-compose.yml").read_text())
-    names = [*compose_service().get("environment", {}), *examples]
+    services = [name for name in compose()["services"] if name.startswith("attention")]
+    names = [*examples]
+    for name in services:
+        names += [*compose_service(name).get("environment", {})]
     assert examples, "leave commented examples of the settings"
     for name in names:
         assert name.startswith("ATTENTION_"), name
         assert name.removeprefix("ATTENTION_").lower() in Settings.model_fields, name
+
+
+# --- one-host scale-out: replicas behind nginx ---------------------------------------------------
+
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+SCALE_COMMAND = "docker compose --profile scale up --build --scale attention-replica="
+
+
+def nginx_directives(text: str) -> list[list[str]]:
+    """Every `name args...;` of nginx.conf, comments dropped, blocks flattened."""
+    text = re.sub(r"#[^\n]*", "", text)
+    return [statement.split() for statement in re.split(r"[;{}]", text) if statement.strip()]
+
+
+def nginx_values(name: str) -> list[list[str]]:
+    return [words[1:] for words in nginx_directives(NGINX_CONF.read_text()) if words[0] == name]
+
+
+def app_get_paths() -> set[str]:
+    from service.main import create_app
+    from service.settings import Settings
+
+    paths = create_app(Settings()).openapi()["paths"]
+    return {path for path, operations in paths.items() if "get" in operations}
+
+
+def test_compose_documents_the_scale_out_command() -> None:
+    header = (ROOT / "docker-compose.yml").read_text()
+    assert SCALE_COMMAND in header
+    assert "nginx -s reload" in header, "say how nginx learns of a new replica count"
+
+
+def test_compose_replicas_are_the_service_without_a_fixed_host_port() -> None:
+    single, replica = compose_service(), compose_service("attention-replica")
+    assert replica["profiles"] == ["scale"]
+    # --scale N needs no host port: N containers cannot all bind one.
+    assert "ports" not in replica
+    assert [str(port) for port in replica["expose"]] == ["8000"]
+    for key in ["build", "image", "healthcheck", "read_only", "tmpfs", "cap_drop", "restart"]:
+        assert replica[key] == single[key], key
+    assert replica["environment"]["ATTENTION_TORCH_THREADS"] == "1", "one core per replica"
+    assert "profiles" not in single, "`docker compose up` still starts the single service"
+
+
+def test_compose_load_balancer_is_official_nginx_on_8080_in_front_of_the_replicas() -> None:
+    lb = compose_service("lb")
+    assert re.fullmatch(r"nginx:[\w.-]+", lb["image"]), "the official image, pinned"
+    assert lb["profiles"] == ["scale"]
+    assert [str(port) for port in lb["ports"]] == ["8080:8080"]
+    (mount,) = lb["volumes"]
+    source, target, mode = mount.split(":")
+    assert (ROOT / source).resolve() == NGINX_CONF
+    assert (target, mode) == ("/etc/nginx/nginx.conf", "ro")
+    assert lb["depends_on"] == {"attention-replica": {"condition": "service_healthy"}}
+    # Unprivileged on a read-only root: the writable paths nginx.conf uses are the tmpfs.
+    assert lb["read_only"] is True
+    assert lb["cap_drop"] == ["ALL"]
+    assert str(lb["user"]).split(":")[0] not in {"0", "root"}
+    assert "/tmp" in lb["tmpfs"]
+    # Its healthcheck asks nginx, on its own port, for a route the app really serves.
+    test = lb["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    url = urllib.parse.urlsplit(test[-1])
+    assert (url.hostname, url.port) == ("127.0.0.1", 8080)
+    assert url.path in app_get_paths()
+
+
+def test_nginx_conf_agrees_with_compose_and_the_app() -> None:
+    from service.settings import Settings
+
+    assert nginx_values("listen") == [["8080"]]
+    ((address, *_),) = [words for words in nginx_values("server") if words and ":" in words[0]]
+    host, port = address.split(":")
+    assert host == "attention-replica" and host in compose()["services"]
+    assert port == str(compose_service("attention-replica")["expose"][0]) == "8000"
+    assert nginx_values("proxy_pass") == [["http://attention"]]
+    assert nginx_values("upstream") == [["attention"]]
+    # Bodies up to the app's own limit reach the app, which answers 413 itself beyond it.
+    ((size,),) = nginx_values("client_max_body_size")
+    assert size.endswith("m") and int(size[:-1]) * 2**20 == Settings().max_body_bytes
+    # Nothing written outside /tmp (the tmpfs); no `user` (it runs unprivileged already).
+    for name in ["pid", *(f"{kind}_temp_path" for kind in ["client_body", "proxy"])]:
+        ((path,),) = nginx_values(name)
+        assert path.startswith("/tmp/"), name
+    assert not nginx_values("user")
 
 
 # --- the recipe ---------------------------------------------------------------------------------
@@ -366,3 +458,46 @@ def test_image_healthchecks_pass(server: Server, source: str) -> None:
     env = {k: v for k, v in server.env.items() if "proxy" not in k.lower()}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
     assert result.returncode == 0, result.stderr
+
+
+def test_nginx_conf_balances_over_the_image(server: Server, tmp_path: Path) -> None:
+    """The real nginx.conf, with the replica's address and the paths made local, proxies to the
+    replayed image: readiness, a computation, the client's request id. Needs an nginx binary."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if nginx is None:
+        pytest.skip("no nginx binary here (apt-get install nginx)")
+    port = free_port()
+    conf = NGINX_CONF.read_text().replace("/tmp/", f"{tmp_path}/")
+    conf = conf.replace("attention-replica:8000", f"127.0.0.1:{server.port}")
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    (tmp_path / "nginx.conf").write_text(conf)
+    command = [nginx, "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+    check = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    process = subprocess.Popen([*command, "-g", "daemon off;"], stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, _, body = get(f"{base_url}/readyz", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.2)
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        book = {"embeddings": [[0.43, 0.15, 0.89], [0.55, 0.87, 0.66]], "d_out": 2, "seed": 789}
+        request = urllib.request.Request(
+            f"{base_url}/attention/self-attention",
+            data=json.dumps(book).encode(),
+            headers={"Content-Type": "application/json", "X-Request-ID": "through-nginx"},
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=30) as response:
+            assert response.status == 200
+            assert response.headers["x-request-id"] == "through-nginx"
+            assert json.loads(response.read())["variant"] == "self-attention"
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert b"[emerg]" not in stderr, stderr.decode()
