@@ -29,6 +29,23 @@ def causal_mask(num_tokens: int) -> torch.Tensor:
     return torch.triu(torch.ones(num_tokens, num_tokens, dtype=torch.bool), diagonal=1)
 
 
+def blocked_keys(
+    scores_shape: torch.Size, *, causal: bool, padding: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Booleans broadcastable to the scores (b, ..., T, T): True where a query may not look.
+
+    `padding` (b, T) marks padded positions: their keys are hidden from every query, which the
+    causal mask alone never does.
+    """
+    num_tokens = scores_shape[-1]
+    blocked = causal_mask(num_tokens) if causal else None
+    if padding is not None:
+        middle = [1] * (len(scores_shape) - 3)  # the head axis, if any
+        padded_keys = padding.view(padding.shape[0], *middle, 1, num_tokens)  # (b, 1.., 1, T)
+        blocked = padded_keys if blocked is None else blocked | padded_keys
+    return blocked
+
+
 def attend(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -40,6 +57,7 @@ def attend(
     generator: torch.Generator | None = None,
     return_weights: bool = True,
     steps: dict[str, torch.Tensor] | None = None,
+    padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context vectors (..., T, d_v) and, when asked, the attention weights (..., T, T).
 
@@ -48,21 +66,30 @@ def attend(
     the intermediate tensors under the book's names (and forces the explicit path, which has them):
     `attention_scores` (raw Q K^T), `mask` (T, T; causal only), `scaled_scores` (what the softmax
     sees: masked with -inf, divided by sqrt(d_k)), `weights_before_dropout` (causal only).
+    `padding` (b, T), True at padded positions, hides those keys from every query; the rows of
+    padded queries are computed like any other and left to the caller to discard.
     """
     if not return_weights and dropout == 0.0 and steps is None:
+        scale = None if scaled else 1.0
+        if padding is None:
+            return F.scaled_dot_product_attention(
+                queries, keys, values, is_causal=causal, scale=scale
+            ), None
+        shape = (*queries.shape[:-1], keys.shape[-2])  # (b, ..., T, T)
+        allowed = ~blocked_keys(shape, causal=causal, padding=padding)
         context_vec = F.scaled_dot_product_attention(
-            queries, keys, values, is_causal=causal, scale=None if scaled else 1.0
+            queries, keys, values, attn_mask=allowed, scale=scale
         )
         return context_vec, None
 
     attn_scores = queries @ keys.transpose(-2, -1)  # (..., T, T)
     if steps is not None:
         steps["attention_scores"] = attn_scores
-    if causal:
-        mask = causal_mask(attn_scores.shape[-1])
-        attn_scores = attn_scores.masked_fill(mask, -torch.inf)
-        if steps is not None:
-            steps["mask"] = mask
+    blocked = blocked_keys(attn_scores.shape, causal=causal, padding=padding)
+    if blocked is not None:
+        attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
+    if causal and steps is not None:
+        steps["mask"] = causal_mask(attn_scores.shape[-1])
     if scaled:
         attn_scores = attn_scores / keys.shape[-1] ** 0.5
         if steps is not None:

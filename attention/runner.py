@@ -50,12 +50,15 @@ class AttentionRunner:
         return_weights: bool = True,
         include: tuple[str, ...] = (),
         parameters: Parameters | None = None,
+        padding: torch.Tensor | None = None,
     ) -> AttentionResult:
-        """inputs: (b, T, d_in) float32.
+        """inputs: (b, T, d_in) float32; padding: (b, T) booleans, True at padded positions.
 
         `include` names the steps to return. `parameters` (named and shaped as
         `named_parameters` gives them) replace the seeded weights, as `load_state_dict` would
         after `torch.manual_seed(seed); BookClass(...)`: dropout still continues the seed's stream.
+        Padded keys get no attention; whatever a padded position computes comes back as NaN, so
+        no number in the answer stands for padding.
         """
         variant.check(config)
         module, state_after_init = self.module(variant, config)
@@ -68,10 +71,45 @@ class AttentionRunner:
         steps: dict[str, torch.Tensor] | None = {} if include else None
         with torch.inference_mode():
             context_vec, attn_weights = module(
-                inputs, generator=generator, return_weights=return_weights, steps=steps
+                inputs,
+                generator=generator,
+                return_weights=return_weights,
+                steps=steps,
+                padding=padding,
             )
+            if padding is not None:
+                context_vec = blank_padding(context_vec, padding, "rows")
+                if attn_weights is not None:
+                    attn_weights = blank_padding(attn_weights, padding, "rows")
+                for name, step in (steps or {}).items():
+                    if name in PADDED_STEP_AXES:
+                        steps[name] = blank_padding(step, padding, PADDED_STEP_AXES[name])
         if not include:
             return AttentionResult(context_vec, attn_weights)
         recorded: dict[str, object] = {**steps, "parameters": named_parameters(module)}
         chosen = {name: recorded[name] for name in include}
         return AttentionResult(context_vec, attn_weights, chosen)
+
+
+# Which axes of each step belong to padded positions: the rows (queries, or tokens) always; the
+# columns too for raw scores, which pair queries with padded keys before any mask hides them.
+# The masked steps already say -inf (scaled_scores) or 0 (weights) in padded key columns.
+PADDED_STEP_AXES = {
+    "queries": "rows",
+    "keys": "rows",
+    "values": "rows",
+    "head_outputs": "rows",
+    "attention_scores": "rows and columns",
+    "scaled_scores": "rows",
+    "weights_before_dropout": "rows",
+}
+
+
+def blank_padding(tensor: torch.Tensor, padding: torch.Tensor, axes: str) -> torch.Tensor:
+    """NaN wherever `tensor` (b, ..., T, n) belongs to a padded position; padding: (b, T)."""
+    middle = [1] * (tensor.dim() - 3)  # the head axis, if any
+    batch, num_tokens = padding.shape
+    blanked = padding.view(batch, *middle, num_tokens, 1)  # (b, 1.., T, 1): rows
+    if axes == "rows and columns":
+        blanked = blanked | padding.view(batch, *middle, 1, num_tokens)  # (b, 1.., T, T)
+    return tensor.masked_fill(blanked, torch.nan)

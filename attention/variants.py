@@ -4,7 +4,8 @@ Each class takes (b, num_tokens, d_in) and returns `(context_vec, attn_weights)`
 None when not asked for. Constructors draw their weights from a `generator` in the order the
 book's constructors do, so `torch.Generator().manual_seed(seed)` reproduces
 `torch.manual_seed(seed); BookClass(...)`. Dropout masks come from the generator passed to
-`forward`, continuing the same stream.
+`forward`, continuing the same stream. A `padding` (b, num_tokens) of booleans, True at padded
+positions of a batch, hides those keys from every query (see `functional.attend`).
 """
 
 import torch
@@ -32,9 +33,17 @@ class SimplifiedSelfAttention(nn.Module):
         generator: torch.Generator | None = None,
         return_weights: bool = True,
         steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Output:
         return attend(
-            x, x, x, causal=False, scaled=False, return_weights=return_weights, steps=steps
+            x,
+            x,
+            x,
+            causal=False,
+            scaled=False,
+            return_weights=return_weights,
+            steps=steps,
+            padding=padding,
         )
 
 
@@ -54,13 +63,20 @@ class SelfAttention_v1(nn.Module):  # the book's name
         generator: torch.Generator | None = None,
         return_weights: bool = True,
         steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Output:
         keys = x @ self.W_key  # (b, T, d_out)
         queries = x @ self.W_query
         values = x @ self.W_value
         record(steps, queries=queries, keys=keys, values=values)
         return attend(
-            queries, keys, values, causal=False, return_weights=return_weights, steps=steps
+            queries,
+            keys,
+            values,
+            causal=False,
+            return_weights=return_weights,
+            steps=steps,
+            padding=padding,
         )
 
 
@@ -82,13 +98,20 @@ class SelfAttention_v2(nn.Module):  # the book's name
         generator: torch.Generator | None = None,
         return_weights: bool = True,
         steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Output:
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)
         values = self.W_value(x)
         record(steps, queries=queries, keys=keys, values=values)
         return attend(
-            queries, keys, values, causal=False, return_weights=return_weights, steps=steps
+            queries,
+            keys,
+            values,
+            causal=False,
+            return_weights=return_weights,
+            steps=steps,
+            padding=padding,
         )
 
 
@@ -117,6 +140,7 @@ class CausalAttention(nn.Module):
         generator: torch.Generator | None = None,
         return_weights: bool = True,
         steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Output:
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)
@@ -131,6 +155,7 @@ class CausalAttention(nn.Module):
             generator=generator,
             return_weights=return_weights,
             steps=steps,
+            padding=padding,
         )
 
 
@@ -160,11 +185,12 @@ class MultiHeadAttentionWrapper(nn.Module):
         generator: torch.Generator | None = None,
         return_weights: bool = True,
         steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Output:
         # Heads run in order, so each draws its dropout mask after the previous one, as in the book.
         head_steps: list[Steps | None] = [None if steps is None else {} for _ in self.heads]
         outputs = [
-            head(x, generator=generator, return_weights=return_weights, steps=own)
+            head(x, generator=generator, return_weights=return_weights, steps=own, padding=padding)
             for head, own in zip(self.heads, head_steps, strict=True)
         ]
         if steps is not None:  # each head's steps stacked on a head axis: (b, H, ...)
@@ -212,6 +238,7 @@ class MultiHeadAttention(nn.Module):
         generator: torch.Generator | None = None,
         return_weights: bool = True,
         steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
     ) -> Output:
         b, num_tokens, _ = x.shape
         keys = self.W_key(x)  # (b, T, d_out)
@@ -233,6 +260,7 @@ class MultiHeadAttention(nn.Module):
             generator=generator,
             return_weights=return_weights,
             steps=steps,
+            padding=padding,
         )  # (b, H, T, head_dim), (b, H, T, T)
         record(steps, head_outputs=context_vec)
         context_vec = context_vec.transpose(1, 2).reshape(

@@ -25,7 +25,7 @@ from attention import (
 )
 from attention.parameters import Parameters, parameter_shapes
 from service.parsing import body_error
-from service.schemas import TEXT_PARAMETERS, RequestBase
+from service.schemas import EMBEDDINGS_PARAMETERS, TEXT_PARAMETERS, RequestBase
 from service.settings import Settings
 
 
@@ -38,11 +38,12 @@ class Job:
     config: AttentionConfig
     batched: bool
     embeddings: np.ndarray | None  # (B, T, d_in), or None for text input
-    tokens: list[Token] | None
+    tokens: list[list[Token]] | None  # each text's tokens, for text input
     batch_size: int
     num_tokens: int
     include: tuple[str, ...] = ()  # steps to return, checked against the variant's
     parameters: Parameters | None = None  # supplied weights, as float32 tensors
+    padding: np.ndarray | None = None  # (B, T) booleans, True at padded positions
 
     @property
     def multiply_adds(self) -> int:
@@ -88,9 +89,25 @@ class Engine:
                 ]
             )
 
-        tokens = None
+        tokens, padding = None, None
         if request.text is not None:
-            limits.at_most(("text",), "characters of text", len(request.text), "max_text_chars")
+            batched = isinstance(request.text, list)
+            texts = request.text if batched else [request.text]
+            misplaced = sorted(given & set(EMBEDDINGS_PARAMETERS))
+            if misplaced:
+                raise RequestValidationError(
+                    [
+                        body_error(
+                            (name,),
+                            f"{name!r} applies to batches of 'embeddings' only; a list of "
+                            "texts is padded, and its padding_mask given, by the service",
+                        )
+                        for name in misplaced
+                    ]
+                )
+            characters = sum(len(text) for text in texts)
+            limits.at_most(("text",), "characters of text", characters, "max_text_chars")
+            limits.at_most(("text",), "batch size", len(texts), "max_batch_size")
             limits.at_most(("embedding_dim",), "embedding_dim", request.embedding_dim, "max_dim")
             limits.at_most(
                 ("context_length",),
@@ -99,21 +116,12 @@ class Engine:
                 "max_context_length",
             )
             limits.raise_if_any()
-            tokens = tokenize(request.text)
-            if not tokens:
-                raise RequestValidationError([body_error(("text",), "text has no tokens")])
-            if len(tokens) > request.context_length:
-                raise RequestValidationError(
-                    [
-                        body_error(
-                            ("text",),
-                            f"the text has {len(tokens)} tokens, more than context_length="
-                            f"{request.context_length}; shorten it or raise context_length",
-                            "too_long",
-                        )
-                    ]
-                )
-            batched, batch_size, num_tokens, d_in = False, 1, len(tokens), request.embedding_dim
+            tokens = [tokenize(text) for text in texts]
+            self.check_token_counts(tokens, request.context_length, batched)
+            batch_size, num_tokens, d_in = len(tokens), max(map(len, tokens)), request.embedding_dim
+            if batched:
+                lengths = np.array([len(text_tokens) for text_tokens in tokens])
+                padding = np.arange(num_tokens) >= lengths[:, np.newaxis]  # (B, T)
         else:
             misplaced = sorted(given & set(TEXT_PARAMETERS))
             if misplaced:
@@ -128,6 +136,8 @@ class Engine:
             batch_size, num_tokens, d_in = shape if batched else (1, *shape)
             limits.at_most(("embeddings",), "batch size", batch_size, "max_batch_size")
             limits.at_most(("embeddings",), "d_in", d_in, "max_dim")
+            if request.attention_mask is not None:
+                padding = ~checked_attention_mask(request.attention_mask, shape)
 
         config = self.resolve(variant, request, d_in)
         include = self.checked_include(variant, request)
@@ -179,7 +189,28 @@ class Engine:
             num_tokens,
             include,
             parameters,
+            padding,
         )
+
+    @staticmethod
+    def check_token_counts(tokens: list[list[Token]], context_length: int, batched: bool) -> None:
+        """Every text has a token and fits the positional table, or a 422 naming the text."""
+        for index, text_tokens in enumerate(tokens):
+            loc = ("text", index) if batched else ("text",)
+            which = f"text[{index}]" if batched else "the text"
+            if not text_tokens:
+                raise RequestValidationError([body_error(loc, f"{which} has no tokens")])
+            if len(text_tokens) > context_length:
+                raise RequestValidationError(
+                    [
+                        body_error(
+                            loc,
+                            f"{which} has {len(text_tokens)} tokens, more than context_length="
+                            f"{context_length}; shorten it or raise context_length",
+                            "too_long",
+                        )
+                    ]
+                )
 
     @staticmethod
     def checked_include(variant: Variant, request: RequestBase) -> tuple[str, ...]:
@@ -246,17 +277,19 @@ class Engine:
         )
 
     def inputs(self, job: Job) -> torch.Tensor:
-        """(B, T, d_in) float32."""
+        """(B, T, d_in) float32; a list of texts padded on the right with zeros."""
         if job.embeddings is not None:
             return torch.from_numpy(job.embeddings)
         request = job.request
-        embedded = self.tables.embed(
-            [token.id for token in job.tokens],
-            embedding_dim=request.embedding_dim,
-            context_length=request.context_length,
-            seed=request.embedding_seed,
-        )  # (T, d_in)
-        return embedded.unsqueeze(0)  # (1, T, d_in)
+        inputs = torch.zeros(job.batch_size, job.num_tokens, request.embedding_dim)
+        for index, text_tokens in enumerate(job.tokens):
+            inputs[index, : len(text_tokens)] = self.tables.embed(
+                [token.id for token in text_tokens],
+                embedding_dim=request.embedding_dim,
+                context_length=request.context_length,
+                seed=request.embedding_seed,
+            )  # (T_i, d_in)
+        return inputs
 
     def answer(self, job: Job, *, threads: int) -> bytes:
         """The 200 answer's JSON bytes, serialised straight from numpy arrays."""
@@ -279,6 +312,7 @@ class Engine:
             return_weights=request.return_weights,
             include=job.include,
             parameters=job.parameters,
+            padding=None if job.padding is None else torch.from_numpy(job.padding),
         )
         if self.count_tokens is not None:
             self.count_tokens(job.variant.name, job.batch_size * job.num_tokens)
@@ -287,7 +321,10 @@ class Engine:
             payload["attention_weights"] = self.output(result.attention_weights, job)
         payload["context_vectors"] = self.output(result.context_vectors, job)
         if job.tokens is not None:
-            payload["tokens"] = [{"id": token.id, "text": token.text} for token in job.tokens]
+            tokens = [[{"id": token.id, "text": token.text} for token in row] for row in job.tokens]
+            payload["tokens"] = tokens if job.batched else tokens[0]
+        if job.padding is not None:
+            payload["padding_mask"] = job.padding
         if job.include:
             payload["steps"] = {
                 name: self.parameters_output(value, job)
@@ -428,6 +465,44 @@ def checked_tensor(value: Any, shape: list[int], loc: tuple[Any, ...]) -> torch.
             [body_error(loc, "weights must be finite float32 values (|x| < 3.4e38)")]
         )
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def checked_attention_mask(mask: np.ndarray, embeddings_shape: tuple[int, ...]) -> np.ndarray:
+    """The (B, T) mask of real tokens, once it fits the batch and every row has a real token."""
+    if len(embeddings_shape) != 3:
+        raise RequestValidationError(
+            [
+                body_error(
+                    ("attention_mask",),
+                    "attention_mask applies to a batch of embeddings (B x T x d_in); a single "
+                    "sequence (T x d_in) has no padding: send its real rows only",
+                )
+            ]
+        )
+    expected = list(embeddings_shape[:2])
+    if list(mask.shape) != expected:
+        raise RequestValidationError(
+            [
+                body_error(
+                    ("attention_mask",),
+                    f"attention_mask must be B x T = {expected[0]} x {expected[1]}, one entry "
+                    f"per token of the embeddings; got {mask.shape[0]} x {mask.shape[1]}",
+                )
+            ]
+        )
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise RequestValidationError(
+            [
+                body_error(
+                    ("attention_mask", int(row)),
+                    f"attention_mask[{row}] has no real token (no 1): a sequence of padding "
+                    "alone has nothing to attend to",
+                )
+                for row in empty
+            ]
+        )
+    return mask
 
 
 class LimitCheck:

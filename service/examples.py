@@ -44,6 +44,19 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "With dropout 0.5 on the weights",
             {"embeddings": BOOK_INPUTS, "d_out": 2, "seed": 123, "dropout": 0.5},
         ),
+        "texts": example(
+            "Two texts, the shorter padded (see padding_mask)",
+            {"text": [BOOK_SENTENCE, "Your journey"], "embedding_dim": 4, "decimals": 4},
+        ),
+        "attention_mask": example(
+            "A batch whose second item has four real tokens",
+            {
+                "embeddings": BOOK_BATCH,
+                "attention_mask": [[1] * 6, [1, 1, 1, 1, 0, 0]],
+                "d_out": 2,
+                "seed": 123,
+            },
+        ),
     },
     "multi-head": {
         "book_fused": example(

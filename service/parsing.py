@@ -147,8 +147,9 @@ class NotFast(Exception):
     """The fast decoder declines; the careful one decides, with a precise message if need be."""
 
 
-def fast_matrix(array: simdjson.Array, body: bytes | bytearray) -> np.ndarray:
-    """(T, d) or (B, T, d) from a simdjson array, or NotFast for anything but a full box."""
+def fast_matrix(array: simdjson.Array) -> tuple[np.ndarray, int]:
+    """(T, d) or (B, T, d) from a simdjson array and the number of lists it is made of, or
+    NotFast for anything but a full box."""
     items = list(array)
     if not items or not isinstance(items[0], simdjson.Array):
         raise NotFast
@@ -165,15 +166,20 @@ def fast_matrix(array: simdjson.Array, body: bytes | bytearray) -> np.ndarray:
     width = len(rows[0]) if isinstance(rows[0], simdjson.Array) else 0
     if width == 0 or not all(isinstance(row, simdjson.Array) and len(row) == width for row in rows):
         raise NotFast
-    # as_buffer flattens nested lists, so `[1, [2]]` would pass as a row of two numbers: the
-    # count of `[` proves each row holds numbers only (`[`s elsewhere just mean the slow path).
-    if body.count(b"[") != 1 + len(rows) + (len(items) if len(shape) == 2 else 0):
-        raise NotFast
     try:
         flat = np.frombuffer(array.as_buffer(of_type="d"), dtype=np.float64)
     except (TypeError, ValueError):  # a string, boolean or null among the numbers
         raise NotFast from None
-    return checked_finite(as_float32(flat).reshape(*shape, width))
+    lists = 1 + len(rows) + (len(items) if len(shape) == 2 else 0)
+    return checked_finite(as_float32(flat).reshape(*shape, width)), lists
+
+
+def count_lists(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + sum(count_lists(item) for item in value)
+    if isinstance(value, dict):
+        return sum(count_lists(item) for item in value.values())
+    return 0
 
 
 def fast_values(body: bytes | bytearray) -> dict[str, Any]:
@@ -182,18 +188,27 @@ def fast_values(body: bytes | bytearray) -> dict[str, Any]:
         if not isinstance(document, simdjson.Object):
             raise NotFast
         values: dict[str, Any] = {}
+        lists = 0  # how many `[` the decoded values account for
         for name in document:
             value = document[name]  # strings are checked for UTF-8 here, not at parse
             if name == "embeddings":
                 if not isinstance(value, simdjson.Array):
                     raise NotFast  # null or not a list: the careful path words the answer
-                values[name] = fast_matrix(value, body)
+                values[name], matrix_lists = fast_matrix(value)
+                lists += matrix_lists
             elif isinstance(value, simdjson.Array):
                 values[name] = value.as_list()
+                lists += count_lists(values[name])
             elif isinstance(value, simdjson.Object):
                 values[name] = value.as_dict()
+                lists += count_lists(values[name])
             else:
                 values[name] = value
+        # as_buffer flattens nested lists, so `[1, [2]]` would pass as a row of two numbers:
+        # every `[` of the body accounted for proves each row holds numbers only (a `[` inside
+        # a string just means the careful path).
+        if "embeddings" in values and body.count(b"[") != lists:
+            raise NotFast
         return values
     except NotFast:
         raise

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model
+from pydantic_core import PydanticCustomError
 
 from attention import STEPS, VARIANTS, Variant
 
@@ -40,6 +41,84 @@ Embeddings = Annotated[
     ),
 ]
 
+
+def _checked_text(value: Any) -> str | list[str]:
+    if isinstance(value, str):
+        if not value:
+            raise PydanticCustomError(
+                "string_too_short", "text is empty: send at least one character"
+            )
+        return value
+    if not isinstance(value, list):
+        raise PydanticCustomError("string_type", "text must be a string or a list of strings")
+    if not value:
+        raise PydanticCustomError("too_short", "text is an empty list: send at least one string")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise PydanticCustomError(
+                "string_type", "text[{index}] is not a string", {"index": index}
+            )
+        if not item:
+            raise PydanticCustomError(
+                "string_too_short",
+                "text[{index}] is empty: every text needs a character",
+                {"index": index},
+            )
+    return value
+
+
+Text = Annotated[
+    str | list[str],
+    PlainValidator(_checked_text),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            ]
+        }
+    ),
+]
+
+
+def _checked_attention_mask(value: Any) -> np.ndarray:
+    """(B, T) booleans, True at real tokens, from rows of 1/0 or true/false."""
+    if not isinstance(value, list) or not value or not all(isinstance(row, list) for row in value):
+        raise PydanticCustomError(
+            "list_type", "attention_mask must be a B x T list of rows of 1 (real) and 0 (padding)"
+        )
+    width = len(value[0])
+    for row_index, row in enumerate(value):
+        if len(row) != width:
+            raise PydanticCustomError(
+                "value_error",
+                "attention_mask must be rectangular: attention_mask[{row}] has {length} "
+                "entries but attention_mask[0] has {width}",
+                {"row": row_index, "length": len(row), "width": width},
+            )
+        for column, entry in enumerate(row):
+            # `type(...) in` rather than isinstance: 1.0 is no mask value, and True is no int.
+            if type(entry) not in (int, bool) or entry not in (0, 1):
+                raise PydanticCustomError(
+                    "value_error",
+                    "attention_mask[{row}][{column}] is {entry}: use 1 (or true) for a real "
+                    "token, 0 (or false) for padding",
+                    {"row": row_index, "column": column, "entry": repr(entry)},
+                )
+    return np.array(value, dtype=bool).reshape(len(value), width)
+
+
+AttentionMask = Annotated[
+    np.ndarray,
+    PlainValidator(_checked_attention_mask),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"enum": [0, 1, True, False]}},
+        }
+    ),
+]
+
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
@@ -49,11 +128,17 @@ class RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
 
     embeddings: Embeddings | None = None
-    text: str | None = Field(
+    text: Text | None = Field(
         None,
-        min_length=1,
         description="Text to tokenize with GPT-2's BPE (`<|endoftext|>` allowed) and embed as "
-        "chapter 2 does. Send exactly one of `embeddings` or `text`.",
+        "chapter 2 does, or a list of texts: a batch, padded on the right to the longest one "
+        "(the answer's `padding_mask` says where). Send exactly one of `embeddings` or `text`.",
+    )
+    attention_mask: AttentionMask | None = Field(
+        None,
+        description="for a batch of `embeddings` (B x T x d_in): B x T, 1 (or true) at real "
+        "tokens, 0 (or false) at padding. Padded keys get no attention from any query; every "
+        "number a padded position computes comes back as null. Each row needs a real token.",
     )
     return_weights: bool = Field(
         True,
@@ -78,6 +163,7 @@ class RequestBase(BaseModel):
 
 
 TEXT_PARAMETERS = ("embedding_dim", "context_length", "embedding_seed")
+EMBEDDINGS_PARAMETERS = ("attention_mask",)
 
 # The variant parameters, each described once; a variant's model takes those it lists.
 PARAMETER_FIELDS: dict[str, tuple[Any, Any]] = {
@@ -230,7 +316,17 @@ class AttentionResponse(BaseModel):
         "the causal mask and dropout where they apply; absent when `return_weights` is false",
     )
     context_vectors: list[Any] = Field(description="T x d (batch B x T x d)")
-    tokens: list[Token] | None = Field(None, description="only for `text` input")
+    tokens: list[Token] | list[list[Token]] | None = Field(
+        None,
+        description="only for `text` input: its tokens, or for a list of texts each one's "
+        "(without padding)",
+    )
+    padding_mask: list[list[bool]] | None = Field(
+        None,
+        description="B x T, true at padded positions; only for a list of texts or an "
+        "`attention_mask`. Padded keys get weight 0; every number a padded position computes "
+        "(its row of weights, its context vector, its rows of steps) is null",
+    )
     steps: dict[str, Any] | None = Field(
         None,
         description='the tensors `include` asked for, by name: `{"shape", "data"}` each',

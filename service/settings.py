@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     )
     max_heads: int = Field(64, ge=1, description="attention heads")
     max_context_length: int = Field(8192, ge=1, description="rows of the positional table")
-    max_text_chars: int = Field(200_000, ge=1, description="characters of text input")
+    max_text_chars: int = Field(
+        200_000, ge=1, description="characters of text input, all texts of a list together"
+    )
     max_attention_floats: int = Field(
         32 * MIB,
         ge=1,

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 # Fields the service may add beyond API.md, accepted by every variant.
-OPTIONAL_COMMON = {"decimals", "include", "parameters"}
+OPTIONAL_COMMON = {"decimals", "include", "parameters", "attention_mask"}
 INPUTS = {"embeddings", "text"}
 
 E4 = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 1.2]]  # T 3, d_in 4

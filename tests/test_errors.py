@@ -424,7 +424,13 @@ async def test_an_unknown_implementation_lists_the_valid_ones(
         ("simplified", "decimals", -1),
         ("simplified", "decimals", 10**30),
         ("simplified", "text", 5),
-        ("simplified", "text", ["a"]),
+        ("simplified", "text", []),
+        ("simplified", "text", ["a", 5]),
+        ("simplified", "text", ["a", ""]),
+        ("simplified", "attention_mask", [[1, 2]]),
+        ("simplified", "attention_mask", [[1, 0.5]]),
+        ("simplified", "attention_mask", [["1"]]),
+        ("simplified", "attention_mask", [1, 0]),
     ],
 )
 async def test_a_wrong_type_or_range_names_the_field(client, variant, field, value):

@@ -400,7 +400,8 @@ async def test_model_metadata(client, name):
         {"name": "attention_weights", "datatype": "FP32", "shape": weights},
         {"name": "context_vectors", "datatype": "FP32", "shape": [-1, -1]},
     ]
-    text_only = {"embedding_dim", "context_length", "embedding_seed"}
+    # The protocol's input is one T x d_in tensor: no text, no batch to mask.
+    text_only = {"embedding_dim", "context_length", "embedding_seed", "attention_mask"}
     native_parameters = listing[name]["parameters"]
     assert metadata["parameters"] == {
         key: value for key, value in native_parameters.items() if key not in text_only

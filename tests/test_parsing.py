@@ -25,6 +25,20 @@ def test_fast_and_careful_decoders_agree_on_valid_bodies(case):
     assert fast.keys() == careful.keys()
 
 
+def test_the_fast_decoder_takes_a_batch_with_its_attention_mask():
+    matrix = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    mask = [[1, 1, 1], [1, 0, 0]]
+    body = orjson.dumps(
+        {"attention_mask": mask, "embeddings": matrix.tolist(), "include": ["keys"]}
+    )
+
+    fast, careful = fast_values(body), careful_values(body)
+
+    np.testing.assert_array_equal(fast["embeddings"], matrix)
+    assert fast["attention_mask"] == careful["attention_mask"] == mask
+    assert fast["include"] == ["keys"]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -40,6 +54,12 @@ def test_fast_and_careful_decoders_agree_on_valid_bodies(case):
         b'{"embeddings": [1, 2]}',
         b'{"embeddings": [[1, NaN]]}',
         b"[1, 2]",
+        # The other lists' brackets are counted, so they cannot hide a nested one:
+        b'{"embeddings": [[[1, [2]]]], "attention_mask": [[1]]}',
+        b'{"attention_mask": [[1]], "embeddings": [[[1, [2]]]]}',
+        b'{"embeddings": [[1, [2]]], "include": ["queries"]}',
+        b'{"embeddings": [[1, 2]], "include": ["[queries"]}',  # a `[` inside a string
+        b'{"embeddings": [[1, 2]], "[": 1}',
     ],
 )
 def test_fast_decoder_declines_what_it_could_misread(body):

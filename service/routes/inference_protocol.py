@@ -29,7 +29,13 @@ from service.engine import Engine, Job
 from service.examples import EXAMPLES
 from service.parsing import as_float32, checked_finite, nesting_depth
 from service.routes.attention import INLINE_BODY_BYTES, read_body
-from service.schemas import TEXT_PARAMETERS, ParameterInfo, request_model, variant_info
+from service.schemas import (
+    EMBEDDINGS_PARAMETERS,
+    TEXT_PARAMETERS,
+    ParameterInfo,
+    request_model,
+    variant_info,
+)
 
 PLATFORM = "pytorch"
 DATATYPE = "FP32"
@@ -223,7 +229,8 @@ async def model_ready(model_name: ModelName, request: Request) -> Response:
 def protocol_parameters(variant: Variant) -> list[str]:
     """The request parameters of a variant: the native fields but the inputs."""
     model_fields = request_model(variant).model_fields
-    return [name for name in model_fields if name not in ("embeddings", "text", *TEXT_PARAMETERS)]
+    inputs = ("embeddings", "text", *TEXT_PARAMETERS, *EMBEDDINGS_PARAMETERS)  # no batches here
+    return [name for name in model_fields if name not in inputs]
 
 
 def metadata(variant: Variant) -> dict[str, Any]:
@@ -472,7 +479,7 @@ def infer_examples() -> dict[str, dict[str, Any]]:
     for variant_name, variant_examples in EXAMPLES.items():
         for key, example in variant_examples.items():
             value = dict(example["value"])
-            if "embeddings" not in value:
+            if "embeddings" not in value or "attention_mask" in value:  # one tensor, no mask
                 continue
             array = np.asarray(value.pop("embeddings"), dtype=np.float32)
             request = {
