@@ -44,6 +44,7 @@ class Job:
     include: tuple[str, ...] = ()  # steps to return, checked against the variant's
     parameters: Parameters | None = None  # supplied weights, as float32 tensors
     padding: np.ndarray | None = None  # (B, T) booleans, True at padded positions
+    answer_floats: int = 0  # numbers the answer will hold, as the limits counted them
 
     @property
     def multiply_adds(self) -> int:
@@ -190,6 +191,7 @@ class Engine:
             include,
             parameters,
             padding,
+            answer_floats,
         )
 
     @staticmethod

@@ -5,7 +5,8 @@ from typing import Any
 import pytest
 
 from attention import STEPS, VARIANTS
-from tests.conftest import BOOK
+from service.settings import Settings
+from tests.conftest import BOOK, make_client
 
 SHARED = {"d_out": 2, "seed": 123}
 
@@ -159,3 +160,17 @@ async def test_a_variant_that_cannot_run_is_a_422(client):
 
     assert response.status_code == 422
     assert "num_heads" in response.json()["detail"][0]["msg"]
+
+
+async def test_the_answer_limit_counts_every_variant_together():
+    """Each variant's answer fits 100 numbers (at most 84 here), all four do not (234)."""
+    async with make_client(Settings(max_answer_floats=100)) as client:
+        body = {"embeddings": BOOK["inputs"], "d_out": 2}
+        alone = await client.post("/attention/multi-head", json=body)
+        response = await client.post("/attention/compare", json=body)
+
+    assert alone.status_code == 200, alone.text
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["msg"].startswith("numbers in the answer (all variants together) = 234 exceeds")
+    assert "ATTENTION_MAX_ANSWER_FLOATS" in error["msg"]

@@ -283,3 +283,40 @@ async def test_compare_pads_for_every_variant(client):
     for name, variant_answer in answer["answers"].items():
         assert variant_answer["padding_mask"] == [[False] * 3, [False, False, True]], name
         assert np.isnan(as_array(variant_answer["context_vectors"])[1, 2]).all(), name
+
+
+async def test_fused_multi_head_matches_torch_with_a_key_padding_mask(client):
+    """nn.MultiheadAttention, loaded with the answer's weights, masks padded keys with its own
+    `key_padding_mask` (True: padding, as our padding_mask)."""
+    x = torch.rand((2, 5, 8), generator=torch.Generator().manual_seed(4))
+    mask = [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    body = {
+        "embeddings": x.tolist(),
+        "attention_mask": mask,
+        "d_out": 8,
+        "num_heads": 4,
+        "qkv_bias": True,
+        "include": ["parameters"],
+    }
+    answer = await post(client, "multi-head", body)
+    p = {name: torch.tensor(value["data"]) for name, value in answer["steps"]["parameters"].items()}
+
+    mha = nn.MultiheadAttention(8, 4, bias=True, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([p["W_query"].T, p["W_key"].T, p["W_value"].T]))
+        mha.in_proj_bias.copy_(torch.cat([p["b_query"], p["b_key"], p["b_value"]]))
+        mha.out_proj.weight.copy_(p["W_out_proj"].T)
+        mha.out_proj.bias.copy_(p["b_out_proj"])
+        causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
+        padding = ~torch.tensor(mask, dtype=torch.bool)
+        context, weights = mha(
+            x, x, x, attn_mask=causal, key_padding_mask=padding, average_attn_weights=False
+        )
+
+    real = ~padding.numpy()
+    ours_context = as_array(answer["context_vectors"])
+    ours_weights = as_array(answer["attention_weights"])  # (B, H, T, T)
+    np.testing.assert_allclose(ours_context[real], context.numpy()[real], atol=ATOL)
+    for item in range(2):
+        rows = ours_weights[item][:, real[item]]  # (H, T_real, T)
+        np.testing.assert_allclose(rows, weights[item][:, real[item]].numpy(), atol=ATOL)

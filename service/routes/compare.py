@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from attention import STEPS, VARIANTS, Variant
 from service.concurrency import ComputeSlots
-from service.engine import Engine, Job
+from service.engine import Engine, Job, LimitCheck
 from service.examples import BOOK_INPUTS, BOOK_SENTENCE, example
 from service.parsing import NotFast, body_error, careful_values, fast_values
 from service.routes.attention import ERROR_RESPONSES, INLINE_BODY_BYTES, OwnBodyRoute, read_body
@@ -156,7 +156,19 @@ def compare_answer(engine: Engine, jobs: list[Job], threads: int) -> bytes:
 
 
 def prepare_all(engine: Engine, body: bytes | bytearray) -> list[Job]:
-    return [engine.prepare(variant, request) for variant, request in parse_compare(body)]
+    jobs = [engine.prepare(variant, request) for variant, request in parse_compare(body)]
+    # Each variant fits the limit on its own; the one answer holds them all.
+    limits = LimitCheck(engine.settings)
+    total = sum(job.answer_floats for job in jobs)
+    limits.at_most(
+        (),
+        "numbers in the answer (all variants together)",
+        total,
+        "max_answer_floats",
+        hint="compare fewer variants or a shorter input",
+    )
+    limits.raise_if_any()
+    return jobs
 
 
 def compare_body(engine: Engine, body: bytes | bytearray) -> bytes:
