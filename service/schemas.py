@@ -87,6 +87,13 @@ def _checked_attention_mask(value: Any) -> np.ndarray:
         raise PydanticCustomError(
             "list_type", "attention_mask must be a B x T list of rows of 1 (real) and 0 (padding)"
         )
+    try:  # the common case in one pass of C; anything odd gets the loop's precise message
+        mask = np.array(value)
+    except ValueError:  # ragged
+        mask = None
+    well_formed = mask is not None and mask.ndim == 2 and mask.dtype.kind in "bi" and mask.size
+    if well_formed and ((mask == 0) | (mask == 1)).all():
+        return mask.astype(bool)
     width = len(value[0])
     for row_index, row in enumerate(value):
         if len(row) != width:
