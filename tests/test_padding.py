@@ -16,6 +16,7 @@ from attention import VARIANTS
 from service.settings import Settings
 from tests.conftest import make_client
 from tests.test_reference import Case, book_run, post
+from tests.test_steps import torch_multihead_attention
 
 ATOL = 1e-5
 TEXTS = ["Your journey starts with one step", "Hi", "Attention is all"]  # 6, 1 and 4 GPT-2 tokens
@@ -299,14 +300,8 @@ async def test_fused_multi_head_matches_torch_with_a_key_padding_mask(client):
         "include": ["parameters"],
     }
     answer = await post(client, "multi-head", body)
-    p = {name: torch.tensor(value["data"]) for name, value in answer["steps"]["parameters"].items()}
-
-    mha = nn.MultiheadAttention(8, 4, bias=True, batch_first=True)
+    mha = torch_multihead_attention(answer["steps"]["parameters"], num_heads=4)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([p["W_query"].T, p["W_key"].T, p["W_value"].T]))
-        mha.in_proj_bias.copy_(torch.cat([p["b_query"], p["b_key"], p["b_value"]]))
-        mha.out_proj.weight.copy_(p["W_out_proj"].T)
-        mha.out_proj.bias.copy_(p["b_out_proj"])
         causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
         padding = ~torch.tensor(mask, dtype=torch.bool)
         context, weights = mha(

@@ -195,6 +195,20 @@ async def test_every_step_equals_the_books_computation(
         assert_step(steps[step], value, step)
 
 
+def torch_multihead_attention(parameters: dict[str, Any], num_heads: int) -> nn.MultiheadAttention:
+    """nn.MultiheadAttention holding the weights an answer's `parameters` step returned (with
+    qkv_bias): in_proj is [W_q; W_k; W_v] in nn.Linear's layout, the transpose of x @ W."""
+    p = {name: torch.tensor(value["data"]) for name, value in parameters.items()}
+    embed_dim = p["W_query"].shape[0]
+    mha = nn.MultiheadAttention(embed_dim, num_heads, bias=True, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([p["W_query"].T, p["W_key"].T, p["W_value"].T]))
+        mha.in_proj_bias.copy_(torch.cat([p["b_query"], p["b_key"], p["b_value"]]))
+        mha.out_proj.weight.copy_(p["W_out_proj"].T)
+        mha.out_proj.bias.copy_(p["b_out_proj"])
+    return mha
+
+
 async def test_fused_multi_head_matches_torch_multihead_attention(client):
     """nn.MultiheadAttention loaded with the same weights: in_proj is [W_q; W_k; W_v]
     (nn.Linear layout, the transpose of x @ W), out_proj the book's out_proj. It scales before
@@ -211,14 +225,9 @@ async def test_fused_multi_head_matches_torch_multihead_attention(client):
     response = await client.post("/attention/multi-head", json=body)
     assert response.status_code == 200, response.text
     answer = response.json()
-    p = {name: torch.tensor(value["data"]) for name, value in answer["steps"]["parameters"].items()}
 
-    mha = nn.MultiheadAttention(8, 4, bias=True, batch_first=True)
+    mha = torch_multihead_attention(answer["steps"]["parameters"], num_heads=4)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([p["W_query"].T, p["W_key"].T, p["W_value"].T]))
-        mha.in_proj_bias.copy_(torch.cat([p["b_query"], p["b_key"], p["b_value"]]))
-        mha.out_proj.weight.copy_(p["W_out_proj"].T)
-        mha.out_proj.bias.copy_(p["b_out_proj"])
         mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)
         context, weights = mha(x, x, x, attn_mask=mask, average_attn_weights=False)
 
