@@ -47,9 +47,7 @@ class Job:
     @property
     def multiply_adds(self) -> int:
         """Rough size of the computation, to choose between the event loop and a thread."""
-        projections = 4 * self.config.d_in * self.config.output_dim
-        attention = 2 * self.config.num_heads * self.num_tokens * self.config.head_dim
-        return self.batch_size * self.num_tokens * (projections + attention)
+        return self.config.multiply_adds(self.batch_size, self.num_tokens)
 
 
 class Engine:
@@ -156,7 +154,8 @@ class Engine:
         answer_floats = batch_size * num_tokens * config.output_dim
         if request.return_weights:
             answer_floats += weights_floats
-        answer_floats += self.steps_floats(include, config, batch_size, num_tokens)
+        if include:
+            answer_floats += self.steps_floats(include, config, batch_size, num_tokens)
         limits.at_most((), "numbers in the answer", answer_floats, "max_answer_floats")
         limits.raise_if_any()
         variant.check(config)
@@ -233,22 +232,22 @@ class Engine:
 
     @staticmethod
     def resolve(variant: Variant, request: RequestBase, d_in: int) -> AttentionConfig:
-        fields = request.model_dump(exclude={"embeddings", "text"})
-        d_out = fields.get("d_out") or d_in
+        # Attributes, not model_dump: a variant's model lacks the fields it does not take, and
+        # dumping every field costs more than computing the book's example.
         return AttentionConfig(
             d_in=d_in,
-            d_out=d_out,
-            num_heads=fields.get("num_heads", 1),
-            seed=fields.get("seed"),
-            dropout=fields.get("dropout", 0.0),
-            qkv_bias=fields.get("qkv_bias", False),
-            implementation=fields.get("implementation", variant.default_implementation),
+            d_out=getattr(request, "d_out", None) or d_in,
+            num_heads=getattr(request, "num_heads", 1),
+            seed=getattr(request, "seed", None),
+            dropout=getattr(request, "dropout", 0.0),
+            qkv_bias=getattr(request, "qkv_bias", False),
+            implementation=getattr(request, "implementation", variant.default_implementation),
         )
 
-    def inputs(self, job: Job) -> torch.Tensor:
-        """(B, T, d_in) float32."""
+    def inputs(self, job: Job) -> np.ndarray | torch.Tensor:
+        """(B, T, d_in) float32: the runner takes either."""
         if job.embeddings is not None:
-            return torch.from_numpy(job.embeddings)
+            return job.embeddings
         request = job.request
         embedded = self.tables.embed(
             [token.id for token in job.tokens],
@@ -299,8 +298,8 @@ class Engine:
         return payload
 
     @staticmethod
-    def output(tensor: torch.Tensor, job: Job) -> np.ndarray:
-        array = tensor.numpy()
+    def output(tensor: np.ndarray | torch.Tensor, job: Job) -> np.ndarray:
+        array = as_array(tensor)
         if not job.batched:
             array = array[0]  # the request had no batch axis
         if job.request.decimals is not None:
@@ -309,12 +308,12 @@ class Engine:
 
     @classmethod
     def step_output(
-        cls, tensor: torch.Tensor, job: Job, *, batch_axis: bool = True
+        cls, tensor: np.ndarray | torch.Tensor, job: Job, *, batch_axis: bool = True
     ) -> dict[str, Any]:
         """`{"shape", "data"}`, following the 2-D/3-D rule and `decimals` as the outputs do."""
-        if tensor.dtype == torch.bool or not batch_axis:
-            array = tensor.numpy()
-            if tensor.dtype != torch.bool and job.request.decimals is not None:
+        array = as_array(tensor)
+        if array.dtype == np.bool_ or not batch_axis:
+            if array.dtype != np.bool_ and job.request.decimals is not None:
                 array = np.round(array, job.request.decimals)
             array = np.ascontiguousarray(array)
         else:
@@ -353,6 +352,11 @@ class Engine:
             for name in TEXT_PARAMETERS:
                 report[name] = getattr(request, name)
         return report
+
+
+def as_array(tensor: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The small path answers numpy arrays already; torch's tensors share their memory."""
+    return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
 
 
 def checked_parameters(
