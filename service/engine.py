@@ -160,7 +160,7 @@ class Engine:
         limits.raise_if_any()
         variant.check(config)
         parameters = None
-        if getattr(request, "parameters", None) is not None:
+        if vars(request).get("parameters") is not None:
             module, _ = self.runner.module(variant, config)
             parameters = checked_parameters(request.parameters, parameter_shapes(module))
 
@@ -232,16 +232,18 @@ class Engine:
 
     @staticmethod
     def resolve(variant: Variant, request: RequestBase, d_in: int) -> AttentionConfig:
-        # Attributes, not model_dump: a variant's model lacks the fields it does not take, and
-        # dumping every field costs more than computing the book's example.
+        # The validated values as pydantic holds them: a variant's model lacks the fields it does
+        # not take, and model_dump or pydantic's __getattr__ for a missing field costs more than
+        # computing the book's example.
+        fields = vars(request)
         return AttentionConfig(
             d_in=d_in,
-            d_out=getattr(request, "d_out", None) or d_in,
-            num_heads=getattr(request, "num_heads", 1),
-            seed=getattr(request, "seed", None),
-            dropout=getattr(request, "dropout", 0.0),
-            qkv_bias=getattr(request, "qkv_bias", False),
-            implementation=getattr(request, "implementation", variant.default_implementation),
+            d_out=fields.get("d_out") or d_in,
+            num_heads=fields.get("num_heads", 1),
+            seed=fields.get("seed"),
+            dropout=fields.get("dropout", 0.0),
+            qkv_bias=fields.get("qkv_bias", False),
+            implementation=fields.get("implementation", variant.default_implementation),
         )
 
     def inputs(self, job: Job) -> np.ndarray | torch.Tensor:
