@@ -57,6 +57,12 @@ class AttentionConfig:
             return self.d_out * self.num_heads
         return self.d_out
 
+    def multiply_adds(self, batch_size: int, num_tokens: int) -> int:
+        """Rough size of a computation: the projections and the two T x T products."""
+        projections = 4 * self.d_in * self.output_dim
+        attention = 2 * self.num_heads * num_tokens * self.head_dim
+        return batch_size * num_tokens * (projections + attention)
+
 
 Builder = Callable[[AttentionConfig, torch.Generator], nn.Module]
 

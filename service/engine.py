@@ -49,9 +49,7 @@ class Job:
     @property
     def multiply_adds(self) -> int:
         """Rough size of the computation, to choose between the event loop and a thread."""
-        projections = 4 * self.config.d_in * self.config.output_dim
-        attention = 2 * self.config.num_heads * self.num_tokens * self.config.head_dim
-        return self.batch_size * self.num_tokens * (projections + attention)
+        return self.config.multiply_adds(self.batch_size, self.num_tokens)
 
 
 class Engine:
@@ -167,12 +165,13 @@ class Engine:
         answer_floats = batch_size * num_tokens * config.output_dim
         if request.return_weights:
             answer_floats += weights_floats
-        answer_floats += self.steps_floats(include, config, batch_size, num_tokens)
+        if include:
+            answer_floats += self.steps_floats(include, config, batch_size, num_tokens)
         limits.at_most((), "numbers in the answer", answer_floats, "max_answer_floats")
         limits.raise_if_any()
         variant.check(config)
         parameters = None
-        if getattr(request, "parameters", None) is not None:
+        if vars(request).get("parameters") is not None:
             module, _ = self.runner.module(variant, config)
             parameters = checked_parameters(request.parameters, parameter_shapes(module))
 
@@ -266,11 +265,13 @@ class Engine:
 
     @staticmethod
     def resolve(variant: Variant, request: RequestBase, d_in: int) -> AttentionConfig:
-        fields = request.model_dump(exclude={"embeddings", "text"})
-        d_out = fields.get("d_out") or d_in
+        # The validated values as pydantic holds them: a variant's model lacks the fields it does
+        # not take, and model_dump or pydantic's __getattr__ for a missing field costs more than
+        # computing the book's example.
+        fields = vars(request)
         return AttentionConfig(
             d_in=d_in,
-            d_out=d_out,
+            d_out=fields.get("d_out") or d_in,
             num_heads=fields.get("num_heads", 1),
             seed=fields.get("seed"),
             dropout=fields.get("dropout", 0.0),
@@ -278,10 +279,11 @@ class Engine:
             implementation=fields.get("implementation", variant.default_implementation),
         )
 
-    def inputs(self, job: Job) -> torch.Tensor:
-        """(B, T, d_in) float32; a list of texts padded on the right with zeros."""
+    def inputs(self, job: Job) -> np.ndarray | torch.Tensor:
+        """(B, T, d_in) float32, either kind (the runner takes both); a list of texts padded on
+        the right with zeros."""
         if job.embeddings is not None:
-            return torch.from_numpy(job.embeddings)
+            return job.embeddings
         request = job.request
         inputs = torch.zeros(job.batch_size, job.num_tokens, request.embedding_dim)
         for index, text_tokens in enumerate(job.tokens):
@@ -338,8 +340,8 @@ class Engine:
         return payload
 
     @staticmethod
-    def output(tensor: torch.Tensor, job: Job) -> np.ndarray:
-        array = tensor.numpy()
+    def output(tensor: np.ndarray | torch.Tensor, job: Job) -> np.ndarray:
+        array = as_array(tensor)
         if not job.batched:
             array = array[0]  # the request had no batch axis
         if job.request.decimals is not None:
@@ -348,12 +350,12 @@ class Engine:
 
     @classmethod
     def step_output(
-        cls, tensor: torch.Tensor, job: Job, *, batch_axis: bool = True
+        cls, tensor: np.ndarray | torch.Tensor, job: Job, *, batch_axis: bool = True
     ) -> dict[str, Any]:
         """`{"shape", "data"}`, following the 2-D/3-D rule and `decimals` as the outputs do."""
-        if tensor.dtype == torch.bool or not batch_axis:
-            array = tensor.numpy()
-            if tensor.dtype != torch.bool and job.request.decimals is not None:
+        array = as_array(tensor)
+        if array.dtype == np.bool_ or not batch_axis:
+            if array.dtype != np.bool_ and job.request.decimals is not None:
                 array = np.round(array, job.request.decimals)
             array = np.ascontiguousarray(array)
         else:
@@ -392,6 +394,11 @@ class Engine:
             for name in TEXT_PARAMETERS:
                 report[name] = getattr(request, name)
         return report
+
+
+def as_array(tensor: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The small path answers numpy arrays already; torch's tensors share their memory."""
+    return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
 
 
 def checked_parameters(

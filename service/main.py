@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service import errors
 from service.concurrency import ComputeSlots
 from service.engine import Engine
+from service.fast_lane import FastLane
 from service.observability import Metrics, ObservabilityMiddleware, configure_logging
 from service.routes import attention, compare, health, inference_protocol, playground
 from service.routes import metrics as metrics_routes
@@ -28,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     metrics = Metrics()
-    engine = Engine(settings, count_tokens=lambda variant, n: metrics.tokens.labels(variant).inc(n))
+    engine = Engine(settings, count_tokens=metrics.count_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_routes.router)
     app.include_router(inference_protocol.router)
     app.include_router(playground.router)
+    own_body_routes = [
+        route
+        for router in (compare.router, attention.router)
+        for route in router.routes
+        if isinstance(route, attention.OwnBodyRoute)
+    ]
+    app.add_middleware(FastLane, routes=own_body_routes)  # inside the observability middleware
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=settings.access_log)
     return app
 

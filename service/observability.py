@@ -1,14 +1,16 @@
 """Request ids, Prometheus metrics and one structured JSON log line per request.
 
 A pure ASGI middleware: Starlette's BaseHTTPMiddleware would cost more than computing the
-book's example.
+book's example. For the same reason the per-request work is kept to what it must do: labelled
+metric children are looked up once, the log record skips the caller lookup (the JSON line has no
+file or line), and the formatter writes each second's timestamp once.
 """
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -23,9 +25,16 @@ access_log = logging.getLogger("service.access")
 
 
 class JsonFormatter(logging.Formatter):
+    _second: int | None = None
+    _formatted_second = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # strftime costs more than the rest of the line
+            self._formatted_second = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            self._second = second
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": self._formatted_second,
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -77,6 +86,24 @@ class Metrics:
             "Requests answered 503 because the heavy-computation queue was full",
             registry=self.registry,
         )
+        # `labels()` validates and locks on every call; the children it returns never change.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._token_children: dict[str, Any] = {}
+
+    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(status))
+        children = self._request_children.get(key)
+        if children is None:
+            children = self.requests.labels(*key), self.latency.labels(method, route)
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_tokens(self, variant: str, tokens: int) -> None:
+        child = self._token_children.get(variant)
+        if child is None:
+            child = self._token_children[variant] = self.tokens.labels(variant)
+        child.inc(tokens)
 
 
 class ObservabilityMiddleware:
@@ -92,9 +119,12 @@ class ObservabilityMiddleware:
         request_id = next(
             (value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), b""
         )
-        if not VALID_REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        if VALID_REQUEST_ID.fullmatch(request_id):
+            request_id_text = request_id.decode()
+        else:
+            request_id_text = os.urandom(16).hex()  # as random as uuid4().hex, at a fifth the cost
+            request_id = request_id_text.encode()
+        scope.setdefault("state", {})["request_id"] = request_id_text
         status = 500
         start = time.perf_counter()
 
@@ -113,19 +143,28 @@ class ObservabilityMiddleware:
             # Route templates, not raw paths: a label per URL typed would grow without end.
             template = getattr(route, "path", "unmatched")
             method = scope["method"]
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(elapsed)
-            if self.log_requests:
-                access_log.info(
-                    "request",
-                    extra={
-                        "fields": {
-                            "request_id": request_id.decode(),
-                            "method": method,
-                            "path": scope["path"],
-                            "route": template,
-                            "status": status,
-                            "duration_ms": round(elapsed * 1e3, 3),
-                        }
-                    },
+            self.metrics.count_request(method, template, status, elapsed)
+            if self.log_requests and access_log.isEnabledFor(logging.INFO):
+                fields = {
+                    "request_id": request_id_text,
+                    "method": method,
+                    "path": scope["path"],
+                    "route": template,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1e3, 3),
+                }
+                # makeRecord and handle, as Logger.info does, without its search of the stack
+                # for the caller's file and line, which the JSON line does not print.
+                access_log.handle(
+                    access_log.makeRecord(
+                        access_log.name,
+                        logging.INFO,
+                        "(unknown file)",  # what Logger.info records when it cannot look
+                        0,
+                        "request",
+                        (),
+                        None,
+                        "(unknown function)",
+                        extra={"fields": fields},
+                    )
                 )

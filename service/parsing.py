@@ -10,6 +10,7 @@ form, and the variant's pydantic model validates every other field.
 """
 
 import re
+from functools import cache
 from typing import Any
 
 import msgspec
@@ -216,6 +217,63 @@ def fast_values(body: bytes | bytearray) -> dict[str, Any]:
         raise NotFast from None
 
 
+# Below this many bytes (~50 numbers) a body is decoded to Python objects in one call and its
+# matrix checked by type: faster than building simdjson's proxies for the book's 140-byte example
+# (~5 us against ~8), while at 3 KB simdjson's single buffer is already ahead (20 us against 30).
+SMALL_BODY_BYTES = 1024
+NUMBER_TYPES = {float, int}
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # bool is neither: `type(True) is bool`
+
+
+def small_values(body: bytes | bytearray) -> dict[str, Any]:
+    """The fields of a small body, decoded as the careful path decodes them (msgspec), or
+    NotFast for anything the careful path must judge, so its messages stay the only ones."""
+    try:
+        values = msgspec.json.decode(body)
+    except (msgspec.MsgspecError, ValueError, RecursionError):  # ValueError: invalid UTF-8
+        raise NotFast from None
+    if type(values) is not dict:
+        raise NotFast
+    if "embeddings" in values:
+        values["embeddings"] = small_matrix(values["embeddings"])
+    return values
+
+
+def small_matrix(embeddings: Any) -> np.ndarray:
+    """(T, d) or (B, T, d) from lists of numbers, or NotFast for anything but a full box."""
+    if type(embeddings) is not list or not embeddings or type(embeddings[0]) is not list:
+        raise NotFast
+    rows = embeddings
+    batch_shape: tuple[int, ...] = ()
+    if embeddings[0] and type(embeddings[0][0]) is list:  # a batch of matrices
+        if any(type(matrix) is not list for matrix in embeddings):
+            raise NotFast
+        if len({len(matrix) for matrix in embeddings}) != 1:
+            raise NotFast  # ragged batch
+        rows = [row for matrix in embeddings for row in matrix]
+        batch_shape = (len(embeddings), len(embeddings[0]))
+    if any(type(row) is not list for row in rows):
+        raise NotFast
+    if not {type(number) for row in rows for number in row} <= NUMBER_TYPES:
+        raise NotFast
+    try:
+        # Through float64, as the other decoders go: an integer is rounded the same way.
+        wide = np.array(rows, dtype=np.float64)
+    except (ValueError, OverflowError):  # ragged rows, or an integer beyond float64
+        raise NotFast from None
+    # Within float32's range the cast cannot overflow (JSON has no inf or nan); beyond it the
+    # careful path locates the number.
+    if wide.ndim != 2 or 0 in wide.shape or not np.abs(wide).max() <= FLOAT32_MAX:
+        raise NotFast
+    matrix = wide.astype(np.float32)
+    return matrix.reshape(*batch_shape, matrix.shape[1]) if batch_shape else matrix
+
+
+@cache
+def accepted_field_set(variant: Variant) -> frozenset[str]:
+    return frozenset(accepted_fields(variant))
+
+
 def careful_values(body: bytes | bytearray) -> dict[str, Any]:
     fields = decode_fields(body)
     values: dict[str, Any] = {}
@@ -234,25 +292,26 @@ def careful_values(body: bytes | bytearray) -> dict[str, Any]:
 
 def parse_request(body: bytes | bytearray, variant: Variant) -> RequestBase:
     try:
-        values = fast_values(body)
+        values = small_values(body) if len(body) <= SMALL_BODY_BYTES else fast_values(body)
     except NotFast:
         values = careful_values(body)
-    accepted = accepted_fields(variant)
-    errors = [
-        body_error(
-            (name,),
-            f"{name!r} does not apply to variant {variant.name!r}; it accepts: "
-            + ", ".join(accepted)
-            if name in ALL_PARAMETERS
-            else f"unknown field {name!r}; variant {variant.name!r} accepts: "
-            + ", ".join(accepted),
-            "extra_forbidden",
+    if not values.keys() <= accepted_field_set(variant):
+        accepted = accepted_fields(variant)
+        raise RequestValidationError(
+            [
+                body_error(
+                    (name,),
+                    f"{name!r} does not apply to variant {variant.name!r}; it accepts: "
+                    + ", ".join(accepted)
+                    if name in ALL_PARAMETERS
+                    else f"unknown field {name!r}; variant {variant.name!r} accepts: "
+                    + ", ".join(accepted),
+                    "extra_forbidden",
+                )
+                for name in values
+                if name not in accepted
+            ]
         )
-        for name in values
-        if name not in accepted
-    ]
-    if errors:
-        raise RequestValidationError(errors)
     try:
         return request_model(variant).model_validate(values)
     except ValidationError as error:

@@ -1,11 +1,12 @@
-"""The fast decoder (simdjson) and the careful one (msgspec) agree on every body they both take,
-and the fast one declines every shape it could misread."""
+"""The fast decoders (simdjson for large bodies, msgspec with type checks for small ones) and the
+careful one (msgspec) agree on every body they take, and the fast ones decline every shape they
+could misread."""
 
 import numpy as np
 import orjson
 import pytest
 
-from service.parsing import NotFast, careful_values, fast_values
+from service.parsing import SMALL_BODY_BYTES, NotFast, careful_values, fast_values, small_values
 
 
 @pytest.mark.parametrize("case", range(100))
@@ -58,10 +59,71 @@ def test_the_fast_decoder_takes_a_batch_with_its_attention_mask():
         b'{"embeddings": [[[1, [2]]]], "attention_mask": [[1]]}',
         b'{"attention_mask": [[1]], "embeddings": [[[1, [2]]]]}',
         b'{"embeddings": [[1, [2]]], "include": ["queries"]}',
-        b'{"embeddings": [[1, 2]], "include": ["[queries"]}',  # a `[` inside a string
-        b'{"embeddings": [[1, 2]], "[": 1}',
     ],
 )
-def test_fast_decoder_declines_what_it_could_misread(body):
+def test_fast_decoders_decline_what_they_could_misread(body):
     with pytest.raises(NotFast):
         fast_values(body)
+    with pytest.raises(NotFast):
+        small_values(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"embeddings": [[1, 2]], "include": ["[queries"]}', b'{"embeddings": [[1, 2]], "[": 1}'],
+)
+def test_a_bracket_in_a_string_sends_simdjson_to_the_careful_path(body):
+    """simdjson's rows are proved by counting `[`; one it cannot account for means doubt."""
+    with pytest.raises(NotFast):
+        fast_values(body)
+    small, careful = small_values(body), careful_values(body)  # msgspec reads it exactly
+    np.testing.assert_array_equal(small.pop("embeddings"), careful.pop("embeddings"))
+    assert small == careful
+
+
+@pytest.mark.parametrize("case", range(100))
+def test_small_and_careful_decoders_agree_on_valid_bodies(case):
+    rng = np.random.default_rng(case)
+    shape = tuple(int(size) for size in rng.integers(1, 4, size=rng.integers(2, 4)))
+    matrix = rng.standard_normal(shape).astype(np.float32) * float(10.0 ** rng.integers(-6, 6))
+    fields = {"embeddings": matrix.tolist(), "seed": case, "qkv_bias": True, "include": ["keys"]}
+    if case % 3 == 0:  # integers in the matrix, as a client may send them
+        fields["embeddings"] = np.round(matrix).astype(int).tolist()
+    body = orjson.dumps(fields)
+    assert len(body) <= SMALL_BODY_BYTES
+
+    small, careful = small_values(body), careful_values(body)
+
+    assert small["embeddings"].dtype == np.float32
+    np.testing.assert_array_equal(small["embeddings"], careful["embeddings"])
+    assert {k: v for k, v in small.items() if k != "embeddings"} == {
+        k: v for k, v in careful.items() if k != "embeddings"
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"embeddings": [[1, 2]], "seed": 18446744073709551616}',  # beyond 64 bits: an int
+        b'{"embeddings": [[1, 2]], "text": "\\u00e9"}',
+    ],
+)
+def test_the_small_decoder_keeps_other_fields_as_the_careful_one_does(body):
+    small, careful = small_values(body), careful_values(body)
+    assert {k: v for k, v in small.items() if k != "embeddings"} == {
+        k: v for k, v in careful.items() if k != "embeddings"
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"embeddings": [[3.5e38, 1]]}',  # beyond float32: the careful path words it
+        b'{"embeddings": [[1e400, 1]]}',
+        b'{"embeddings": [[1, 2]], "text": "\xff"}',
+        b'{"embeddings": [[1' + b"0" * 400 + b", 2]]}",
+    ],
+)
+def test_the_small_decoder_declines_what_the_careful_one_must_word(body):
+    with pytest.raises(NotFast):
+        small_values(body)

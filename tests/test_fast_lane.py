@@ -1,0 +1,105 @@
+"""The fast lane (service.fast_lane) answers exactly as FastAPI's router does, errors included."""
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.fast_lane import FastLane
+from service.main import create_app
+from service.settings import Settings
+from tests.conftest import BOOK
+
+SETTINGS = Settings(max_body_bytes=50_000, max_tokens=100)
+
+
+def client_of(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+@pytest.fixture(scope="module")
+def apps():
+    with_lane = create_app(SETTINGS)
+    without_lane = create_app(SETTINGS)
+    without_lane.user_middleware = [
+        middleware for middleware in without_lane.user_middleware if middleware.cls is not FastLane
+    ]
+    assert len(without_lane.user_middleware) == len(with_lane.user_middleware) - 1
+    return with_lane, without_lane
+
+
+LARGE = np.random.default_rng(0).standard_normal((64, 32)).round(4).tolist()
+
+REQUESTS: dict[str, tuple[str, str, Any]] = {
+    "book self-attention": ("POST", "/attention/self-attention", {"embeddings": BOOK["inputs"]}),
+    "book simplified": ("POST", "/attention/simplified", {"embeddings": BOOK["inputs"]}),
+    "causal with dropout": (
+        "POST",
+        "/attention/causal",
+        {"embeddings": BOOK["inputs"], "dropout": 0.5, "seed": 3},
+    ),
+    "multi-head steps": (
+        "POST",
+        "/attention/multi-head",
+        {"embeddings": [BOOK["inputs"]] * 2, "d_out": 4, "include": ["queries", "mask"]},
+    ),
+    "on a worker thread": ("POST", "/attention/multi-head", {"embeddings": LARGE}),
+    "text": ("POST", "/attention/causal", {"text": "Your journey starts with one step"}),
+    "compare": ("POST", "/attention/compare", {"embeddings": BOOK["inputs"], "d_out": 2}),
+    "422 field": ("POST", "/attention/causal", {"embeddings": BOOK["inputs"], "num_heads": 2}),
+    "422 limit": ("POST", "/attention/causal", {"embeddings": [[1.0]] * 101}),
+    "422 implementation": (
+        "POST",
+        "/attention/multi-head",
+        {"embeddings": BOOK["inputs"], "d_out": 3, "num_heads": 2},
+    ),
+    "422 not json": ("POST", "/attention/self-attention", b"{nope"),
+    "413": ("POST", "/attention/self-attention", b" " * 50_001),
+    "404 unknown variant": ("POST", "/attention/nope", {"embeddings": BOOK["inputs"]}),
+    "405": ("GET", "/attention/causal", None),
+    "trailing slash": ("POST", "/attention/causal/", {"embeddings": BOOK["inputs"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+async def test_the_fast_lane_answers_as_the_router_does(apps, name):
+    method, path, body = REQUESTS[name]
+    content = body if isinstance(body, bytes) or body is None else None
+    json = None if content is not None or body is None else body
+
+    answers = []
+    for app in apps:
+        async with client_of(app) as client:
+            answers.append(await client.request(method, path, content=content, json=json))
+
+    fast, routed = answers
+    assert fast.status_code == routed.status_code
+    assert fast.content == routed.content
+    assert fast.headers.keys() == routed.headers.keys()
+    for header in ("content-type", "content-length", "retry-after", "location", "allow"):
+        assert fast.headers.get(header) == routed.headers.get(header), header
+
+
+async def test_metrics_and_request_ids_see_the_route_as_the_router_names_it(apps):
+    async with client_of(apps[0]) as client:
+        response = await client.post(
+            "/attention/simplified",
+            json={"embeddings": BOOK["inputs"]},
+            headers={"X-Request-ID": "lane-1"},
+        )
+        metrics = (await client.get("/metrics")).text
+
+    assert response.headers["x-request-id"] == "lane-1"
+    assert (
+        'attention_http_requests_total{method="POST",route="/attention/simplified",status="200"}'
+        in metrics
+    )
+
+
+async def test_the_openapi_document_is_the_routers(apps):
+    documents = []
+    for app in apps:
+        async with client_of(app) as client:
+            documents.append((await client.get("/openapi.json")).json())
+    assert documents[0] == documents[1]

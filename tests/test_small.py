@@ -1,0 +1,182 @@
+"""The numpy path for small computations (attention.small) against the plain torch modules.
+
+Every variant and implementation, with and without biases, 2-D and batched inputs, one or
+several heads, seeded or supplied weights, and every step: each number equal to the torch
+module's own forward on the same weights, up to float32 rounding (the BLAS libraries sum in
+their own order).
+"""
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from attention import VARIANTS, AttentionConfig, AttentionRunner, small
+from attention.parameters import named_parameters, with_parameters
+
+# 1e-6 relative to each number, and to the largest number of the tensor: a dot product that
+# cancels to near zero keeps the rounding error of its larger terms (float32 steps are ~1.2e-7
+# of a number), whichever order its sum takes.
+RTOL = 1e-6
+
+IMPLEMENTATIONS = [
+    (name, implementation)
+    for name, variant in VARIANTS.items()
+    for implementation in variant.implementations
+]
+IDS = [
+    f"{name}:{implementation}" if implementation else name
+    for name, implementation in IMPLEMENTATIONS
+]
+
+
+def config(name: str, implementation: str | None, d_in: int, **fields: Any) -> AttentionConfig:
+    if name == "simplified":
+        return AttentionConfig(d_in=d_in, d_out=d_in)
+    return AttentionConfig(
+        d_in=d_in,
+        d_out=fields.get("d_out", 4),
+        num_heads=fields.get("num_heads", 2) if VARIANTS[name].multi_head else 1,
+        seed=fields.get("seed", 123),
+        qkv_bias=fields.get("qkv_bias", False),
+        implementation=implementation,
+    )
+
+
+def inputs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def plain(module: torch.nn.Module, x: np.ndarray, steps: dict | None = None):
+    """The torch module's explicit path (weights returned), on the same weights."""
+    with torch.inference_mode():
+        return module(torch.from_numpy(x), return_weights=True, steps=steps)
+
+
+def assert_equal_numbers(got: Any, want: torch.Tensor, what: str) -> None:
+    assert isinstance(got, np.ndarray), f"{what}: the small path answers numpy arrays"
+    want = want.detach().numpy()
+    assert got.shape == want.shape, what
+    if want.dtype == bool:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+        return
+    scale = np.abs(want[np.isfinite(want)]).max()
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * scale, err_msg=what)
+
+
+def cases() -> list[tuple[Any, ...]]:
+    shapes = [(1, 6, 3), (3, 5, 4), (2, 9, 8)]
+    return [
+        (name, implementation, shape, qkv_bias)
+        for name, implementation in IMPLEMENTATIONS
+        for shape in shapes
+        for qkv_bias in (
+            [False] if name == "simplified" or implementation == "v1" else [False, True]
+        )
+    ]
+
+
+@pytest.mark.parametrize(("name", "implementation", "shape", "qkv_bias"), cases())
+def test_the_small_path_equals_the_torch_module(name, implementation, shape, qkv_bias):
+    variant = VARIANTS[name]
+    cfg = config(name, implementation, shape[-1], qkv_bias=qkv_bias, d_out=6, num_heads=3)
+    runner = AttentionRunner()
+    x = inputs(shape, seed=len(name) + shape[0])
+    assert cfg.multiply_adds(shape[0], shape[1]) <= small.SMALL_WORK_LIMIT
+
+    result = runner.run(variant, x, cfg)
+
+    context, weights = plain(runner.module(variant, cfg)[0], x)
+    assert_equal_numbers(result.context_vectors, context, "context_vectors")
+    assert_equal_numbers(result.attention_weights, weights, "attention_weights")
+
+
+@pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS, ids=IDS)
+def test_every_step_equals_the_torch_modules_step(name, implementation):
+    variant = VARIANTS[name]
+    cfg = config(name, implementation, 5, qkv_bias=implementation != "v1", d_out=4)
+    runner = AttentionRunner()
+    x = inputs((2, 7, 5), seed=3)
+
+    result = runner.run(variant, x, cfg, include=tuple(variant.step_names))
+
+    module = runner.module(variant, cfg)[0]
+    want: dict[str, Any] = {}
+    plain(module, x, steps=want)
+    want["parameters"] = named_parameters(module)
+    assert list(result.steps) == variant.step_names
+    for step in variant.step_names:
+        if step == "parameters":
+            assert result.steps[step] is not None
+            continue
+        assert_equal_numbers(result.steps[step], want[step], step)
+
+
+@pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS[1:], ids=IDS[1:])
+def test_supplied_parameters_equal_the_torch_module_loaded_with_them(name, implementation):
+    variant = VARIANTS[name]
+    cfg = config(name, implementation, 3, qkv_bias=implementation != "v1", d_out=4)
+    runner = AttentionRunner()
+    module = runner.module(variant, cfg)[0]
+    generator = torch.Generator().manual_seed(9)
+
+    def random_like(named: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: [random_like(head) for head in value]
+            if key == "heads"
+            else torch.rand(value.shape, generator=generator)
+            for key, value in named.items()
+        }
+
+    supplied = random_like(named_parameters(module))
+    x = inputs((2, 6, 3), seed=4)
+
+    result = runner.run(variant, x, cfg, parameters=supplied)
+
+    context, weights = plain(with_parameters(module, supplied), x)
+    assert_equal_numbers(result.context_vectors, context, "context_vectors")
+    assert_equal_numbers(result.attention_weights, weights, "attention_weights")
+
+
+def test_return_weights_false_leaves_the_context_unchanged():
+    variant = VARIANTS["multi-head"]
+    cfg = config("multi-head", "fused", 3, d_out=4)
+    runner = AttentionRunner()
+    x = inputs((1, 6, 3))
+
+    with_weights = runner.run(variant, x, cfg)
+    without = runner.run(variant, x, cfg, return_weights=False)
+
+    assert without.attention_weights is None
+    np.testing.assert_array_equal(without.context_vectors, with_weights.context_vectors)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dropout", "small_path"),
+    [
+        ((1, 6, 3), 0.0, True),
+        ((1, 6, 3), 0.5, False),  # dropout masks come from torch's random stream
+        ((1, 256, 64), 0.0, False),  # over SMALL_WORK_LIMIT: torch's kernels are faster there
+    ],
+)
+def test_only_small_computations_without_dropout_take_the_numpy_path(shape, dropout, small_path):
+    variant = VARIANTS["causal"]
+    cfg = AttentionConfig(d_in=shape[-1], d_out=shape[-1], seed=1, dropout=dropout)
+
+    result = AttentionRunner().run(variant, inputs(shape), cfg)
+
+    assert isinstance(result.context_vectors, np.ndarray) == small_path
+
+
+def test_the_numpy_weights_are_copied_once_per_cached_module():
+    variant = VARIANTS["self-attention"]
+    cfg = config("self-attention", "v2", 3)
+    runner = AttentionRunner()
+    runner.run(variant, inputs((1, 6, 3)), cfg)
+    first = runner.seeded(variant, cfg).numpy_weights
+
+    runner.run(variant, inputs((1, 4, 3), seed=1), cfg)
+
+    assert first is not None
+    assert runner.seeded(variant, cfg).numpy_weights is first
