@@ -131,6 +131,16 @@ def answer_body(engine: Engine, variant: Variant, body: bytes | bytearray) -> by
     )
 
 
+def json_request_body(schema: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` documenting a body that an OwnBodyRoute reads and validates itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema, "examples": examples}},
+        }
+    }
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorMessage, "description": "The request body exceeds its limit"},
     503: {
@@ -157,14 +167,7 @@ for variant in VARIANTS.values():
         description=variant.description,
         response_model=AttentionResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": schema, "examples": EXAMPLES[variant.name]}
-                },
-            }
-        },
+        openapi_extra=json_request_body(schema, EXAMPLES[variant.name]),
     )
 
 

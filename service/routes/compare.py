@@ -19,7 +19,13 @@ from service.concurrency import ComputeSlots
 from service.engine import Engine, Job, LimitCheck
 from service.examples import BOOK_INPUTS, BOOK_SENTENCE, example
 from service.parsing import NotFast, body_error, careful_values, fast_values
-from service.routes.attention import ERROR_RESPONSES, INLINE_BODY_BYTES, OwnBodyRoute, read_body
+from service.routes.attention import (
+    ERROR_RESPONSES,
+    INLINE_BODY_BYTES,
+    OwnBodyRoute,
+    json_request_body,
+    read_body,
+)
 from service.schemas import (
     COMPARE_ONLY,
     CompareResponse,
@@ -205,15 +211,5 @@ router.add_api_route(
     "(weights are shaped per variant). The answers are those of each variant's own endpoint.",
     response_model=CompareResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": compare_model().model_json_schema(),
-                    "examples": EXAMPLES,
-                }
-            },
-        }
-    },
+    openapi_extra=json_request_body(compare_model().model_json_schema(), EXAMPLES),
 )

@@ -28,7 +28,7 @@ from service.concurrency import ComputeSlots, Saturated
 from service.engine import Engine, Job
 from service.examples import EXAMPLES
 from service.parsing import as_float32, checked_finite, nesting_depth
-from service.routes.attention import INLINE_BODY_BYTES, read_body
+from service.routes.attention import INLINE_BODY_BYTES, json_request_body, read_body
 from service.schemas import (
     EMBEDDINGS_PARAMETERS,
     TEXT_PARAMETERS,
@@ -513,6 +513,47 @@ async def infer(model_name: ModelName, request: Request) -> Response:
     return Response(content, media_type="application/json")
 
 
+# The protocol's inference request, as the endpoint reads it (see `decode`).
+INFER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "number"},
+                    {"type": "boolean"},
+                ]
+            },
+        },
+        "inputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype", "data"],
+                "properties": {
+                    "name": {"type": "string", "enum": [INPUT]},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "datatype": {"type": "string", "enum": [DATATYPE]},
+                    "data": {"type": "array"},
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "enum": OUTPUTS}},
+            },
+        },
+    },
+}
+
+
 router.add_api_route(
     "/models/{model_name}/infer",
     infer,
@@ -532,52 +573,5 @@ router.add_api_route(
         413: {"model": ErrorResponse, "description": "The request body exceeds its limit"},
         503: {"model": ErrorResponse, "description": "Saturated; see Retry-After"},
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["inputs"],
-                        "properties": {
-                            "id": {"type": "string"},
-                            "parameters": {
-                                "type": "object",
-                                "additionalProperties": {
-                                    "anyOf": [
-                                        {"type": "string"},
-                                        {"type": "number"},
-                                        {"type": "boolean"},
-                                    ]
-                                },
-                            },
-                            "inputs": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "required": ["name", "shape", "datatype", "data"],
-                                    "properties": {
-                                        "name": {"type": "string", "enum": [INPUT]},
-                                        "shape": {"type": "array", "items": {"type": "integer"}},
-                                        "datatype": {"type": "string", "enum": [DATATYPE]},
-                                        "data": {"type": "array"},
-                                    },
-                                },
-                            },
-                            "outputs": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "required": ["name"],
-                                    "properties": {"name": {"type": "string", "enum": OUTPUTS}},
-                                },
-                            },
-                        },
-                    },
-                    "examples": infer_examples(),
-                }
-            },
-        }
-    },
+    openapi_extra=json_request_body(INFER_SCHEMA, infer_examples()),
 )
