@@ -72,8 +72,17 @@ class Engine:
             defaults["embedding_seed"].default,
         )
 
-    def prepare(self, variant: Variant, request: RequestBase) -> Job:
-        """Resolve the parameters and refuse, before any work, what the limits do not allow."""
+    def prepare(
+        self,
+        variant: Variant,
+        request: RequestBase,
+        tokenized: list[list[Token]] | None = None,
+    ) -> Job:
+        """Resolve the parameters and refuse, before any work, what the limits do not allow.
+
+        `tokenized`: the request's texts as another job of the same text already tokenized
+        them (compare runs one text through every variant).
+        """
         limits = LimitCheck(self.settings)
         given = request.model_fields_set
         if (request.embeddings is None) == (request.text is None):
@@ -115,7 +124,7 @@ class Engine:
                 "max_context_length",
             )
             limits.raise_if_any()
-            tokens = [tokenize(text) for text in texts]
+            tokens = tokenized or [tokenize(text) for text in texts]
             self.check_token_counts(tokens, request.context_length, batched)
             batch_size, num_tokens, d_in = len(tokens), max(map(len, tokens)), request.embedding_dim
             if batched:

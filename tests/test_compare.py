@@ -174,3 +174,27 @@ async def test_the_answer_limit_counts_every_variant_together():
     [error] = response.json()["detail"]
     assert error["msg"].startswith("numbers in the answer (all variants together) = 234 exceeds")
     assert "ATTENTION_MAX_ANSWER_FLOATS" in error["msg"]
+
+
+async def test_the_text_is_tokenized_once_for_all_variants(client, monkeypatch):
+    import service.engine
+
+    calls = []
+    real_tokenize = service.engine.tokenize
+
+    def counting_tokenize(text):
+        calls.append(text)
+        return real_tokenize(text)
+
+    monkeypatch.setattr(service.engine, "tokenize", counting_tokenize)
+    response = await client.post(
+        "/attention/compare", json={"text": ["Your journey", "starts"], "embedding_dim": 4}
+    )
+
+    assert response.status_code == 200, response.text
+    assert calls == ["Your journey", "starts"], "one tokenization per text, not per variant"
+    answers = response.json()["answers"]
+    assert len(answers) == len(VARIANTS)
+    tokens = [answer["tokens"] for answer in answers.values()]
+    assert all(each == tokens[0] for each in tokens)
+    assert "".join(token["text"] for token in tokens[0][1]) == "starts"

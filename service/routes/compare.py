@@ -162,7 +162,10 @@ def compare_answer(engine: Engine, jobs: list[Job], threads: int) -> bytes:
 
 
 def prepare_all(engine: Engine, body: bytes | bytearray) -> list[Job]:
-    jobs = [engine.prepare(variant, request) for variant, request in parse_compare(body)]
+    jobs: list[Job] = []
+    for variant, request in parse_compare(body):
+        # One text, tokenized once for all the variants.
+        jobs.append(engine.prepare(variant, request, jobs[0].tokens if jobs else None))
     # Each variant fits the limit on its own; the one answer holds them all.
     limits = LimitCheck(engine.settings)
     total = sum(job.answer_floats for job in jobs)
