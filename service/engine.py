@@ -204,23 +204,25 @@ class Engine:
 
     @staticmethod
     def check_token_counts(tokens: list[list[Token]], context_length: int, batched: bool) -> None:
-        """Every text has a token and fits the positional table, or a 422 naming the text."""
+        """Every text has a token and fits the positional table, or one 422 naming each text
+        that does not."""
+        errors = []
         for index, text_tokens in enumerate(tokens):
             loc = ("text", index) if batched else ("text",)
             which = f"text[{index}]" if batched else "the text"
             if not text_tokens:
-                raise RequestValidationError([body_error(loc, f"{which} has no tokens")])
-            if len(text_tokens) > context_length:
-                raise RequestValidationError(
-                    [
-                        body_error(
-                            loc,
-                            f"{which} has {len(text_tokens)} tokens, more than context_length="
-                            f"{context_length}; shorten it or raise context_length",
-                            "too_long",
-                        )
-                    ]
+                errors.append(body_error(loc, f"{which} has no tokens"))
+            elif len(text_tokens) > context_length:
+                errors.append(
+                    body_error(
+                        loc,
+                        f"{which} has {len(text_tokens)} tokens, more than context_length="
+                        f"{context_length}; shorten it or raise context_length",
+                        "too_long",
+                    )
                 )
+        if errors:
+            raise RequestValidationError(errors)
 
     @staticmethod
     def checked_include(variant: Variant, request: RequestBase) -> tuple[str, ...]:

@@ -315,3 +315,16 @@ async def test_fused_multi_head_matches_torch_with_a_key_padding_mask(client):
     for item in range(2):
         rows = ours_weights[item][:, real[item]]  # (H, T_real, T)
         np.testing.assert_allclose(rows, weights[item][:, real[item]].numpy(), atol=ATOL)
+
+
+async def test_every_text_over_context_length_is_named_in_one_422(client):
+    body = {"text": ["one two three four five", "Hi", "six seven eight nine ten eleven"]}
+    response = await client.post(
+        "/attention/causal", json={**body, "context_length": 4, "embedding_dim": 4}
+    )
+
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert [error["loc"] for error in errors] == [["body", "text", 0], ["body", "text", 2]]
+    assert "text[0] has 5 tokens" in errors[0]["msg"]
+    assert "text[2] has 6 tokens" in errors[1]["msg"]
