@@ -1,8 +1,10 @@
 """Operations: request ids, metrics, logs, saturation, answer-size limit, determinism under load."""
 
 import asyncio
+import json
 import logging
 import re
+import time
 
 import httpx
 import numpy as np
@@ -79,6 +81,50 @@ async def test_each_request_logs_one_json_line_with_its_id():
     from service.observability import JsonFormatter
 
     assert '"request_id":"abc"' in JsonFormatter().format(record)
+
+
+async def test_the_access_line_written_directly_is_the_one_logging_would_write(monkeypatch):
+    import io
+
+    from service.observability import JsonFormatter, json_handler_alone
+
+    service_logger = logging.getLogger("service")
+    handler = next(handler for handler in service_logger.handlers if handler.is_json)
+    # pytest hangs its capture handlers on the logger too: leave the JSON handler alone, as
+    # configure_logging sets it up, to take the direct path.
+    monkeypatch.setattr(service_logger, "handlers", [handler])
+    assert json_handler_alone() is handler
+    direct = io.StringIO()
+    monkeypatch.setattr(handler, "stream", direct)
+    async with make_client(Settings()) as client:
+        await client.post(
+            "/attention/simplified",
+            json={"embeddings": [[1.0, 2.0]]},
+            headers={"X-Request-ID": "direct-1"},
+        )
+    (line,) = direct.getvalue().splitlines()
+    written = json.loads(line)
+
+    assert written.pop("duration_ms") > 0
+    assert written.pop("time") == JsonFormatter().timestamp(time.time())  # to the second
+    assert written == {
+        "level": "info",
+        "logger": "service.access",
+        "message": "request",
+        "request_id": "direct-1",
+        "method": "POST",
+        "path": "/attention/simplified",
+        "route": "/attention/simplified",
+        "status": 200,
+    }
+    # Through logging (another handler present) the line has the same keys, in the same order.
+    record = logging.LogRecord("service.access", logging.INFO, "", 0, "request", (), None)
+    record.fields = {
+        key: value
+        for key, value in json.loads(line).items()
+        if key not in ("time", "level", "logger", "message")
+    }  # type: ignore[attr-defined]
+    assert list(json.loads(JsonFormatter().format(record))) == list(json.loads(line))
 
 
 async def test_a_full_queue_of_large_computations_answers_503_with_retry_after():
