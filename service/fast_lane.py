@@ -1,12 +1,15 @@
-"""A lane for `POST /attention/<variant>` past FastAPI's router, straight to the route's endpoint.
+"""A lane for `POST /attention/<variant>` ahead of Starlette's whole stack, straight to the route's
+endpoint.
 
-FastAPI's routing and its per-request scaffolding (route matching over every route, exit stacks,
-exception wrapping) cost more than the book's example now costs to compute: measured in process,
-~40% of a small request. These endpoints take the bare Request already (`OwnBodyRoute`), so this
-middleware, innermost of the app's own, hands such a request to the same endpoint with the same
-scope keys the router would set, and answers its exceptions with the app's own handlers. The
-routes stay registered with the router, so the OpenAPI document, `405`s and everything else are
-unchanged; a path this lane does not know goes to the router as before.
+FastAPI's routing, its per-request scaffolding (route matching over every route, exit stacks,
+exception wrapping) and the middleware layers Starlette puts around every app cost more than the
+book's example costs to compute: measured in process, over half of a small request. These
+endpoints take the bare Request already (`OwnBodyRoute`), so the lane hands such a request to the
+same endpoint with the same scope keys the router would set, answers its exceptions with the
+app's own handlers, and an exception no handler takes as ServerErrorMiddleware would: a plain 500,
+then the exception raised on to the server, which logs it. The routes stay registered with the
+router, so the OpenAPI document, `405`s and everything else are unchanged; a request the lane
+does not take goes through the whole stack as before.
 """
 
 import inspect
@@ -16,12 +19,13 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class FastLane:
-    def __init__(self, app: ASGIApp, routes: Iterable[APIRoute]) -> None:
-        self.app = app
+    def __init__(self, stack: ASGIApp, routes: Iterable[APIRoute]) -> None:
+        self.stack = stack  # Starlette's middleware and the router, for what the lane leaves
         self.routes = {route.path: route for route in routes if route.methods == {"POST"}}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -30,7 +34,7 @@ class FastLane:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             route = self.routes.get(scope["path"])
         if route is None:
-            await self.app(scope, receive, send)
+            await self.stack(scope, receive, send)
             return
         scope["route"] = route  # what the router sets; the metrics label requests by it
         scope["endpoint"] = route.endpoint
@@ -39,14 +43,24 @@ class FastLane:
         try:
             response = await route.endpoint(request)
         except Exception as exc:
-            handler = exception_handler(scope["app"].exception_handlers, exc)
-            if handler is None:
-                raise  # to ServerErrorMiddleware, as the router's 500s go
-            if inspect.iscoroutinefunction(handler):
-                response = await handler(request, exc)
-            else:
-                response = await run_in_threadpool(handler, request, exc)
+            handlers = scope["app"].exception_handlers
+            handler = exception_handler(handlers, exc)
+            if handler is None:  # as ServerErrorMiddleware answers: a 500, then raise
+                handler = handlers.get(500) or handlers.get(Exception)
+                if handler is None:
+                    response = PlainTextResponse("Internal Server Error", status_code=500)
+                else:
+                    response = await call_handler(handler, request, exc)
+                await response(scope, receive, send)
+                raise
+            response = await call_handler(handler, request, exc)
         await response(scope, receive, send)
+
+
+async def call_handler(handler, request: Request, exc: Exception) -> Response:
+    if inspect.iscoroutinefunction(handler):
+        return await handler(request, exc)
+    return await run_in_threadpool(handler, request, exc)
 
 
 def exception_handler(handlers: dict, exc: Exception):

@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.engine = engine
     app.state.metrics = metrics
@@ -64,8 +65,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for route in router.routes
         if isinstance(route, attention.OwnBodyRoute)
     ]
-    app.add_middleware(FastLane, routes=own_body_routes)  # inside the observability middleware
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=settings.access_log)
+    # The stack Starlette would build on the first request, built now and put behind the fast
+    # lane (see service.fast_lane), with the observability middleware outermost: its request id
+    # and status cover the 500s ServerErrorMiddleware sends. Starlette refuses middleware added
+    # after this, rather than leaving it out.
+    app.fast_lane = FastLane(app.build_middleware_stack(), own_body_routes)
+    app.middleware_stack = ObservabilityMiddleware(
+        app.fast_lane, metrics=metrics, log_requests=settings.access_log
+    )
     return app
 
 

@@ -6,7 +6,6 @@ import httpx
 import numpy as np
 import pytest
 
-from service.fast_lane import FastLane
 from service.main import create_app
 from service.settings import Settings
 from tests.conftest import BOOK
@@ -14,18 +13,19 @@ from tests.conftest import BOOK
 SETTINGS = Settings(max_body_bytes=50_000, max_tokens=100)
 
 
-def client_of(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+def client_of(app, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions),
+        base_url="http://testserver",
+    )
 
 
 @pytest.fixture(scope="module")
 def apps():
     with_lane = create_app(SETTINGS)
     without_lane = create_app(SETTINGS)
-    without_lane.user_middleware = [
-        middleware for middleware in without_lane.user_middleware if middleware.cls is not FastLane
-    ]
-    assert len(without_lane.user_middleware) == len(with_lane.user_middleware) - 1
+    assert with_lane.fast_lane.routes
+    without_lane.fast_lane.routes = {}  # every request through Starlette's stack and the router
     return with_lane, without_lane
 
 
@@ -103,3 +103,32 @@ async def test_the_openapi_document_is_the_routers(apps):
         async with client_of(app) as client:
             documents.append((await client.get("/openapi.json")).json())
     assert documents[0] == documents[1]
+
+
+async def test_an_unexpected_error_is_a_plain_500_raised_on_to_the_server_as_routed(
+    apps, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    answers = []
+    for app in apps:
+        monkeypatch.setattr(app.state.engine, "answer", broken)
+        async with client_of(app) as client:
+            with pytest.raises(RuntimeError, match="a bug"):  # the server logs its traceback
+                await client.post("/attention/simplified", json={"embeddings": BOOK["inputs"]})
+        async with client_of(app, raise_app_exceptions=False) as client:
+            answers.append(
+                await client.post(
+                    "/attention/simplified",
+                    json={"embeddings": BOOK["inputs"]},
+                    headers={"X-Request-ID": "bug-1"},
+                )
+            )
+        metrics = app.state.metrics.requests.labels("POST", "/attention/simplified", "500")
+        assert metrics._value.get() == 2
+
+    fast, routed = answers
+    assert fast.status_code == routed.status_code == 500
+    assert fast.content == routed.content == b"Internal Server Error"
+    assert fast.headers["x-request-id"] == routed.headers["x-request-id"] == "bug-1"
