@@ -127,3 +127,36 @@ def test_the_small_decoder_keeps_other_fields_as_the_careful_one_does(body):
 def test_the_small_decoder_declines_what_the_careful_one_must_word(body):
     with pytest.raises(NotFast):
         small_values(body)
+
+
+def test_the_fast_decoder_reuses_one_parser_and_threads_never_share_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service import parsing
+
+    bodies = [
+        orjson.dumps({"embeddings": np.full((50 + index, 8), index, np.float32).tolist()})
+        for index in range(16)
+    ]
+    fast_values(bodies[0])
+    (kept,) = parsing._idle_parsers
+    fast_values(bodies[1])
+    assert parsing._idle_parsers == [kept]  # the same parser, not a new one per body
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(fast_values, bodies * 8))
+    for index, values in enumerate(results):
+        body_index = index % len(bodies)
+        assert values["embeddings"].shape == (50 + body_index, 8)
+        assert (values["embeddings"] == body_index).all()
+    assert len(parsing._idle_parsers) == 1
+
+
+def test_a_body_the_fast_decoder_declines_leaves_no_parser_in_use():
+    from service import parsing
+
+    with pytest.raises(NotFast):
+        fast_values(b'{"embeddings": [[1, [2]]]}')  # a nested list: the careful path's to word
+    values = fast_values(orjson.dumps({"embeddings": [[1.0, 2.0]]}))
+    np.testing.assert_array_equal(values["embeddings"], [[1.0, 2.0]])
+    assert len(parsing._idle_parsers) == 1
