@@ -1,12 +1,12 @@
 """`POST /attention/{variant}` for each variant of the registry, and `GET /attention`."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Message
 
 from attention import VARIANTS, Variant
@@ -110,8 +110,11 @@ def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
         slots: ComputeSlots = request.app.state.compute_slots
         body = await read_body(request, engine.settings.max_body_bytes)
         if len(body) > INLINE_BODY_BYTES:
-            # Tens of MB of JSON would stall the event loop: decode and compute on a worker.
-            content = await slots.run(answer_body, engine, variant, body)
+            # Tens of MB of JSON would stall the event loop: decode and compute on a worker,
+            # which frees the body once it is decoded (see answer_body).
+            received = [body]
+            del body
+            content = await slots.run(answer_body, engine, variant, received)
         else:
             job = engine.prepare(variant, parse_request(body, variant))
             # Tiny computations cost less than the hop to a thread; large ones must not block
@@ -119,16 +122,28 @@ def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
             if job.tokens is None and job.multiply_adds <= engine.settings.inline_work_limit:
                 content = engine.answer(job, threads=1)
             else:
-                content = await slots.run(engine.answer, job, threads=engine.threads)
-        return Response(content, media_type="application/json")
+                content = await slots.run(engine.answer_or_parts, job, threads=engine.threads)
+        return json_response(content)
 
     return compute
 
 
-def answer_body(engine: Engine, variant: Variant, body: bytes | bytearray) -> bytes:
-    return engine.answer(
-        engine.prepare(variant, parse_request(body, variant)), threads=engine.threads
-    )
+def answer_body(
+    engine: Engine, variant: Variant, received: list[bytes | bytearray]
+) -> bytes | Iterator[bytes]:
+    """The answer to the one body in `received`, which is taken out of it: once decoded, the
+    body (60 MB of JSON for 4096 x 768 numbers) is freed before the computation, not held by
+    the caller until the answer is ready."""
+    request = parse_request(received.pop(), variant)
+    return engine.answer_or_parts(engine.prepare(variant, request), threads=engine.threads)
+
+
+def json_response(content: bytes | Iterator[bytes]) -> Response:
+    if isinstance(content, bytes):
+        return Response(content, media_type="application/json")
+    # Parts are serialised on a worker thread each (StreamingResponse iterates a plain iterator
+    # in the threadpool) and sent with chunked transfer encoding, as they come.
+    return StreamingResponse(content, media_type="application/json")
 
 
 def json_request_body(schema: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:

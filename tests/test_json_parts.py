@@ -1,0 +1,81 @@
+"""Large answers are sent in parts (service.json_parts) that join to exactly orjson's bytes."""
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from service import engine, json_parts
+from service.json_parts import dumps_in_parts
+from service.main import create_app
+from service.settings import Settings
+from tests.conftest import BOOK
+
+rng = np.random.default_rng(0)
+
+
+def whole(payload) -> bytes:
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+PAYLOADS = {
+    "context vectors": {"variant": "causal", "context_vectors": rng.standard_normal((37, 5))},
+    "heads": {"attention_weights": rng.standard_normal((2, 3, 11, 11)).astype(np.float32)},
+    "padding as null": {"weights": np.where(rng.random((9, 9)) > 0.5, np.nan, 1.0)},
+    "several, nested": {
+        "attention_weights": rng.standard_normal((1, 13, 13)).astype(np.float32),
+        "context_vectors": rng.standard_normal((1, 13, 4)).astype(np.float32),
+        "tokens": [{"id": 464, "text": 'a "quoted" token'}],
+        "padding_mask": np.zeros((1, 13), dtype=bool),
+        "steps": {"keys": {"shape": [1, 13, 4], "data": rng.standard_normal((1, 13, 4))}},
+        "config": {"seed": None, "decimals": 4},
+    },
+    "one vector": {"bias": rng.standard_normal(100)},
+    "a row wider than a part": {"context_vectors": rng.standard_normal((3, 50))},
+}
+
+
+@pytest.mark.parametrize("part_floats", [1, 7, 40, 10_000])
+@pytest.mark.parametrize("name", list(PAYLOADS))
+def test_the_parts_join_to_orjsons_bytes(monkeypatch, name, part_floats):
+    monkeypatch.setattr(json_parts, "PART_FLOATS", part_floats)
+    payload = PAYLOADS[name]
+
+    parts = list(dumps_in_parts(payload))
+
+    assert b"".join(parts) == whole(payload)
+    largest = max(
+        (value for value in payload.values() if isinstance(value, np.ndarray)), key=np.size
+    )
+    if largest.size > part_floats and len(largest) > 1:
+        assert len(parts) > 3, "a large array is written in several parts"
+
+
+def test_a_token_text_that_looks_like_a_placeholder_stays_text(monkeypatch):
+    monkeypatch.setattr(json_parts, "PART_FLOATS", 4)
+    payload = {"text": "0" * 32 + ":0", "data": np.arange(20.0).reshape(10, 2)}
+    assert b"".join(dumps_in_parts(payload)) == whole(payload)
+
+
+async def test_a_large_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
+    request = {"embeddings": [BOOK["inputs"]] * 3, "d_out": 4, "num_heads": 2}
+    # Computed on a worker (as large answers are), whole: the default thresholds.
+    settings = Settings(inline_work_limit=0)
+    whole_app, streamed_app = create_app(settings), create_app(settings)
+    answers = []
+    for app in (whole_app, streamed_app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if app is streamed_app:
+                monkeypatch.setattr(engine, "STREAMED_ANSWER_FLOATS", 10)
+                monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
+            answers.append(await client.post("/attention/multi-head", json=request))
+
+    whole_answer, streamed_answer = answers
+    assert whole_answer.status_code == streamed_answer.status_code == 200
+    assert "content-length" in whole_answer.headers
+    assert "content-length" not in streamed_answer.headers  # sent as it is written
+    assert streamed_answer.content == whole_answer.content
+    weights = np.array(streamed_answer.json()["attention_weights"])
+    assert weights.shape == (3, 2, 6, 6)
+    np.testing.assert_allclose(weights.sum(axis=-1), 1, rtol=1e-6)
