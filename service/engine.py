@@ -24,13 +24,10 @@ from attention import (
     tokenize,
 )
 from attention.parameters import Parameters, parameter_shapes
-from service.json_parts import dumps_in_parts
+from service.json_parts import dumps_or_parts
 from service.parsing import body_error
 from service.schemas import EMBEDDINGS_PARAMETERS, TEXT_PARAMETERS, RequestBase
 from service.settings import Settings
-
-# Answers above this many numbers (~10 MB of JSON) are sent as they are serialised.
-STREAMED_ANSWER_FLOATS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -315,13 +312,9 @@ class Engine:
         return orjson.dumps(self.payload(job, threads=threads), option=orjson.OPT_SERIALIZE_NUMPY)
 
     def answer_or_parts(self, job: Job, *, threads: int) -> bytes | Iterator[bytes]:
-        """`answer`, or for an answer of more than STREAMED_ANSWER_FLOATS numbers the same bytes
-        as parts still to be written (see service.json_parts): the computation is done here,
-        the serialising as the parts are sent."""
-        payload = self.payload(job, threads=threads)
-        if job.answer_floats > STREAMED_ANSWER_FLOATS:
-            return dumps_in_parts(payload)
-        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        """`answer`, or for a large answer the same bytes as parts still to be written (see
+        service.json_parts): the computation is done here, the serialising as parts are sent."""
+        return dumps_or_parts(self.payload(job, threads=threads), job.answer_floats)
 
     def payload(self, job: Job, *, threads: int) -> dict[str, Any]:
         """The answer as a dict whose tensors are C-contiguous numpy arrays.

@@ -15,9 +15,19 @@ import numpy as np
 import orjson
 
 OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+# Answers above this many numbers (~10 MB of JSON) are sent as they are serialised.
+STREAMED_ANSWER_FLOATS = 1_000_000
 # Numbers per part: ~2.5 MB of JSON, a few ms of serialising, against ~0.1 ms to hand each part
 # from the worker thread to the event loop.
 PART_FLOATS = 256 * 1024
+
+
+def dumps_or_parts(payload: dict[str, Any], floats: int) -> bytes | Iterator[bytes]:
+    """The payload's JSON bytes, or for one of more than STREAMED_ANSWER_FLOATS numbers the
+    same bytes as parts, serialised as they are taken."""
+    if floats > STREAMED_ANSWER_FLOATS:
+        return dumps_in_parts(payload)
+    return orjson.dumps(payload, option=OPTIONS)
 
 
 def dumps_in_parts(payload: dict[str, Any]) -> Iterator[bytes]:

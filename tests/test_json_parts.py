@@ -5,7 +5,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service import engine, json_parts
+from service import json_parts
 from service.json_parts import dumps_in_parts
 from service.main import create_app
 from service.settings import Settings
@@ -67,7 +67,7 @@ async def test_a_large_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypa
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             if app is streamed_app:
-                monkeypatch.setattr(engine, "STREAMED_ANSWER_FLOATS", 10)
+                monkeypatch.setattr(json_parts, "STREAMED_ANSWER_FLOATS", 10)
                 monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
             answers.append(await client.post("/attention/multi-head", json=request))
 
@@ -79,3 +79,27 @@ async def test_a_large_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypa
     weights = np.array(streamed_answer.json()["attention_weights"])
     assert weights.shape == (3, 2, 6, 6)
     np.testing.assert_allclose(weights.sum(axis=-1), 1, rtol=1e-6)
+
+
+async def test_a_large_comparison_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
+    request = {"embeddings": [BOOK["inputs"]] * 3, "d_out": 4, "num_heads": 2}
+    settings = Settings(inline_work_limit=0)
+    answers = []
+    for streamed in (False, True):
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if streamed:
+                monkeypatch.setattr(json_parts, "STREAMED_ANSWER_FLOATS", 10)
+                monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
+            answers.append(await client.post("/attention/compare", json=request))
+
+    whole_answer, streamed_answer = answers
+    assert whole_answer.status_code == streamed_answer.status_code == 200
+    assert "content-length" not in streamed_answer.headers
+    assert streamed_answer.content == whole_answer.content
+    assert set(streamed_answer.json()["answers"]) == {
+        "simplified",
+        "self-attention",
+        "causal",
+        "multi-head",
+    }

@@ -6,9 +6,9 @@ has that implementation, `include` as the steps that variant has. Included in th
 attention router, whose `POST /attention/{variant}` answers 404 for unknown names.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -18,12 +18,14 @@ from attention import STEPS, VARIANTS, Variant
 from service.concurrency import ComputeSlots
 from service.engine import Engine, Job, LimitCheck
 from service.examples import BOOK_INPUTS, BOOK_SENTENCE, example
+from service.json_parts import dumps_or_parts
 from service.parsing import NotFast, body_error, careful_values, fast_values
 from service.routes.attention import (
     ERROR_RESPONSES,
     INLINE_BODY_BYTES,
     OwnBodyRoute,
     json_request_body,
+    json_response,
     read_body,
 )
 from service.schemas import (
@@ -156,9 +158,9 @@ def variant_request(variant: Variant, values: dict[str, Any]) -> Any:
         raise validation_errors(error) from None
 
 
-def compare_answer(engine: Engine, jobs: list[Job], threads: int) -> bytes:
+def compare_answer(engine: Engine, jobs: list[Job], threads: int) -> bytes | Iterator[bytes]:
     answers = {job.variant.name: engine.payload(job, threads=threads) for job in jobs}
-    return orjson.dumps({"answers": answers}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return dumps_or_parts({"answers": answers}, sum(job.answer_floats for job in jobs))
 
 
 def prepare_all(engine: Engine, body: bytes | bytearray) -> list[Job]:
@@ -180,8 +182,9 @@ def prepare_all(engine: Engine, body: bytes | bytearray) -> list[Job]:
     return jobs
 
 
-def compare_body(engine: Engine, body: bytes | bytearray) -> bytes:
-    return compare_answer(engine, prepare_all(engine, body), engine.threads)
+def compare_body(engine: Engine, received: list[bytes | bytearray]) -> bytes | Iterator[bytes]:
+    """As answer_body: the body is taken out of `received` and freed once decoded."""
+    return compare_answer(engine, prepare_all(engine, received.pop()), engine.threads)
 
 
 async def compare(request: Request) -> Response:
@@ -189,7 +192,9 @@ async def compare(request: Request) -> Response:
     slots: ComputeSlots = request.app.state.compute_slots
     body = await read_body(request, engine.settings.max_body_bytes)
     if len(body) > INLINE_BODY_BYTES:
-        content = await slots.run(compare_body, engine, body)
+        received = [body]
+        del body
+        content = await slots.run(compare_body, engine, received)
     else:
         jobs = prepare_all(engine, body)
         small = sum(job.multiply_adds for job in jobs) <= engine.settings.inline_work_limit
@@ -197,7 +202,7 @@ async def compare(request: Request) -> Response:
             content = compare_answer(engine, jobs, threads=1)
         else:
             content = await slots.run(compare_answer, engine, jobs, engine.threads)
-    return Response(content, media_type="application/json")
+    return json_response(content)
 
 
 router.add_api_route(
