@@ -534,11 +534,8 @@ def checked_attention_mask(mask: np.ndarray, embeddings_shape: tuple[int, ...]) 
 class LimitCheck:
     """Collects every limit a request exceeds, so one 422 names them all."""
 
-    def __init__(
-        self, settings: Settings, count_tokens: Callable[[str, int], None] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.count_tokens = count_tokens  # (variant, tokens computed), for the metrics
         self.errors: list[dict[str, Any]] = []
 
     def at_most(
