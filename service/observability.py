@@ -83,9 +83,12 @@ def log_request(fields: dict[str, Any]) -> None:
         **fields,
     }
     line = orjson.dumps(entry, default=str).decode() + handler.terminator
-    with handler.lock:  # type: ignore[union-attr]
-        handler.stream.write(line)
-        handler.flush()
+    try:
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write(line)
+            handler.flush()
+    except Exception:  # a closed or broken stream: logging's own handling reports it, as for
+        access_log.info("request", extra={"fields": fields})  # any other record
 
 
 def json_handler_alone() -> logging.StreamHandler | None:

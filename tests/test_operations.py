@@ -127,6 +127,30 @@ async def test_the_access_line_written_directly_is_the_one_logging_would_write(m
     assert list(json.loads(JsonFormatter().format(record))) == list(json.loads(line))
 
 
+async def test_a_broken_log_stream_never_fails_the_request(monkeypatch):
+    from service.observability import json_handler_alone
+
+    service_logger = logging.getLogger("service")
+    handler = next(handler for handler in service_logger.handlers if handler.is_json)
+    monkeypatch.setattr(service_logger, "handlers", [handler])
+    assert json_handler_alone() is handler
+
+    class Broken:
+        def write(self, text):
+            raise BrokenPipeError("the log reader is gone")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(handler, "stream", Broken())
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # as logging reports in production
+    async with make_client(Settings()) as client:
+        response = await client.post("/attention/simplified", json={"embeddings": [[1.0, 2.0]]})
+
+    assert response.status_code == 200
+    assert response.json()["context_vectors"] == [[1.0, 2.0]]
+
+
 async def test_a_full_queue_of_large_computations_answers_503_with_retry_after():
     settings = Settings(max_concurrent_computations=1, max_queued_computations=0)
     large = {
