@@ -102,6 +102,7 @@ async def test_the_access_line_written_directly_is_the_one_logging_would_write(m
             json={"embeddings": [[1.0, 2.0]]},
             headers={"X-Request-ID": "direct-1"},
         )
+        await asyncio.sleep(0)  # the line is written at the end of the loop's turn
     (line,) = direct.getvalue().splitlines()
     written = json.loads(line)
 
@@ -127,6 +128,36 @@ async def test_the_access_line_written_directly_is_the_one_logging_would_write(m
     assert list(json.loads(JsonFormatter().format(record))) == list(json.loads(line))
 
 
+async def test_the_lines_of_one_loop_turn_are_written_together_in_order(monkeypatch):
+    from service.observability import json_handler_alone, log_request
+
+    service_logger = logging.getLogger("service")
+    handler = next(handler for handler in service_logger.handlers if handler.is_json)
+    monkeypatch.setattr(service_logger, "handlers", [handler])
+    assert json_handler_alone() is handler
+    writes: list[str] = []
+
+    class Recording:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(handler, "stream", Recording())
+    for index in range(3):
+        log_request({"request_id": f"turn-{index}"})
+    assert writes == []  # nothing before the turn ends
+    await asyncio.sleep(0)
+
+    (text,) = writes
+    assert [json.loads(line)["request_id"] for line in text.splitlines()] == [
+        "turn-0",
+        "turn-1",
+        "turn-2",
+    ]
+
+
 async def test_a_broken_log_stream_never_fails_the_request(monkeypatch):
     from service.observability import json_handler_alone
 
@@ -146,6 +177,7 @@ async def test_a_broken_log_stream_never_fails_the_request(monkeypatch):
     monkeypatch.setattr(logging, "raiseExceptions", False)  # as logging reports in production
     async with make_client(Settings()) as client:
         response = await client.post("/attention/simplified", json={"embeddings": [[1.0, 2.0]]})
+        await asyncio.sleep(0)  # the line's write, and its failure, come at the end of the turn
 
     assert response.status_code == 200
     assert response.json()["context_vectors"] == [[1.0, 2.0]]
