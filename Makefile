@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/uvicorn service.main:app --host 127.0.0.1 --port 8000
+	$(BIN)/uvicorn service.main:app --host 127.0.0.1 --port 8000 --no-access-log
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

@@ -29,7 +29,7 @@ import pytest
 from ruamel.yaml import YAML  # installed with check-jsonschema
 
 ROOT = Path(__file__).resolve().parents[1]
-CMD = ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD = ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
 HEALTH_URL = "http://127.0.0.1:8000/healthz"
 STARTUP_TIMEOUT_S = 120
 STEP_TIMEOUT_S = 300
