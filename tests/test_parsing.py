@@ -119,6 +119,8 @@ def test_the_small_decoder_keeps_other_fields_as_the_careful_one_does(body):
     "body",
     [
         b'{"embeddings": [[3.5e38, 1]]}',  # beyond float32: the careful path words it
+        b'{"embeddings": [[3.5e38, 1.0]]}',  # the same, all floats (cast straight to float32)
+        b'{"embeddings": [[-1.0, -3.5e38]]}',
         b'{"embeddings": [[1e400, 1]]}',
         b'{"embeddings": [[1, 2]], "text": "\xff"}',
         b'{"embeddings": [[1' + b"0" * 400 + b", 2]]}",
@@ -127,6 +129,22 @@ def test_the_small_decoder_keeps_other_fields_as_the_careful_one_does(body):
 def test_the_small_decoder_declines_what_the_careful_one_must_word(body):
     with pytest.raises(NotFast):
         small_values(body)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[3.4028234e38, -3.4e38, 1e-45, 1e-46]],  # float32's edges, rounded as float64 is
+        [[16777217, 0.5], [2**60 + 1, -3]],  # integers beyond float32's 24 bits, among floats
+        [[0.1, 1 / 3], [2.5e-38, 123456789.123456789]],
+    ],
+)
+def test_small_and_careful_decoders_round_to_the_same_float32(rows):
+    body = orjson.dumps({"embeddings": rows})
+    small, careful = small_values(body)["embeddings"], careful_values(body)["embeddings"]
+    assert small.dtype == careful.dtype == np.float32
+    assert small.tobytes() == careful.tobytes()
+    assert small.tobytes() == np.array(rows, dtype=np.float64).astype(np.float32).tobytes()
 
 
 def test_the_fast_decoder_reuses_one_parser_and_threads_never_share_it():
