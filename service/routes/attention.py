@@ -123,7 +123,7 @@ def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
                 content = engine.answer(job, threads=1)
             else:
                 content = await slots.run(engine.answer_or_parts, job, threads=engine.threads)
-        return json_response(content)
+        return answer_response(content)
 
     return compute
 
@@ -138,7 +138,7 @@ def answer_body(
     return engine.answer_or_parts(engine.prepare(variant, request), threads=engine.threads)
 
 
-def json_response(content: bytes | Iterator[bytes]) -> Response:
+def answer_response(content: bytes | Iterator[bytes]) -> Response:
     if isinstance(content, bytes):
         return Response(content, media_type="application/json")
     # Parts are serialised on a worker thread each (StreamingResponse iterates a plain iterator

@@ -24,8 +24,8 @@ from service.routes.attention import (
     ERROR_RESPONSES,
     INLINE_BODY_BYTES,
     OwnBodyRoute,
+    answer_response,
     json_request_body,
-    json_response,
     read_body,
 )
 from service.schemas import (
@@ -202,7 +202,7 @@ async def compare(request: Request) -> Response:
             content = compare_answer(engine, jobs, threads=1)
         else:
             content = await slots.run(compare_answer, engine, jobs, engine.threads)
-    return json_response(content)
+    return answer_response(content)
 
 
 router.add_api_route(

@@ -10,7 +10,7 @@ unknown model, 413 for a body over its limit, 503 when the service is saturated.
 """
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -27,8 +27,14 @@ from attention import VARIANTS, AttentionInputError, Variant
 from service.concurrency import ComputeSlots, Saturated
 from service.engine import Engine, Job
 from service.examples import EXAMPLES
+from service.json_parts import dumps_or_parts
 from service.parsing import as_float32, checked_finite, nesting_depth
-from service.routes.attention import INLINE_BODY_BYTES, json_request_body, read_body
+from service.routes.attention import (
+    INLINE_BODY_BYTES,
+    answer_response,
+    json_request_body,
+    read_body,
+)
 from service.schemas import (
     EMBEDDINGS_PARAMETERS,
     TEXT_PARAMETERS,
@@ -434,8 +440,9 @@ def prepare(engine: Engine, variant: Variant, body: bytes | bytearray) -> Infere
     return Inference(job, outputs, inference.id)
 
 
-def answer(engine: Engine, inference: Inference, *, threads: int) -> bytes:
-    """Compute, then write the protocol's response straight from the numpy arrays."""
+def answer(engine: Engine, inference: Inference, *, threads: int) -> bytes | Iterator[bytes]:
+    """Compute, then write the protocol's response straight from the numpy arrays (in parts
+    when it is large, as the native answers are: service.json_parts)."""
     payload = engine.payload(inference.job, threads=threads)
     config = {name: value for name, value in payload["config"].items() if value is not None}
     response: dict[str, Any] = {"model_name": inference.job.variant.name}
@@ -451,21 +458,26 @@ def answer(engine: Engine, inference: Inference, *, threads: int) -> bytes:
         }
         for name in inference.outputs
     ]
-    return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    return dumps_or_parts(response, inference.job.answer_floats)
 
 
-def prepare_and_answer(engine: Engine, variant: Variant, body: bytes | bytearray) -> bytes:
-    return answer(engine, prepare(engine, variant, body), threads=engine.threads)
+def prepare_and_answer(
+    engine: Engine, variant: Variant, received: list[bytes | bytearray]
+) -> bytes | Iterator[bytes]:
+    """As the native answer_body: the body is taken out of `received` and freed once decoded."""
+    return answer(engine, prepare(engine, variant, received.pop()), threads=engine.threads)
 
 
-async def infer_content(request: Request, model_name: str) -> bytes:
+async def infer_content(request: Request, model_name: str) -> bytes | Iterator[bytes]:
     variant = model(model_name)
     engine: Engine = request.app.state.engine
     slots: ComputeSlots = request.app.state.compute_slots
     body = await read_body(request, engine.settings.max_body_bytes)
     if len(body) > INLINE_BODY_BYTES:
         # Tens of MB of JSON would stall the event loop: decode and compute on a worker.
-        return await slots.run(prepare_and_answer, engine, variant, body)
+        received = [body]
+        del body
+        return await slots.run(prepare_and_answer, engine, variant, received)
     inference = prepare(engine, variant, body)
     # As the native endpoint: tiny work on the loop, the rest on a bounded worker thread.
     if inference.job.multiply_adds <= engine.settings.inline_work_limit:
@@ -510,7 +522,7 @@ async def infer(model_name: ModelName, request: Request) -> Response:
     except Saturated as error:
         request.app.state.metrics.refused.inc()
         return error_response(str(error), 503, headers={"Retry-After": "1"})
-    return Response(content, media_type="application/json")
+    return answer_response(content)
 
 
 # The protocol's inference request, as the endpoint reads it (see `decode`).
