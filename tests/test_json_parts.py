@@ -103,3 +103,35 @@ async def test_a_large_comparison_is_streamed_with_the_bytes_of_a_whole_one(monk
         "causal",
         "multi-head",
     }
+
+
+async def test_a_large_inference_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
+    data = np.array([BOOK["inputs"]] * 3, dtype=np.float32)
+    request = {
+        "inputs": [
+            {
+                "name": "embeddings",
+                "shape": list(data.shape),
+                "datatype": "FP32",
+                "data": data.ravel().tolist(),
+            }
+        ],
+        "parameters": {"d_out": 4, "num_heads": 2},
+    }
+    settings = Settings(inline_work_limit=0)
+    answers = []
+    for streamed in (False, True):
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if streamed:
+                monkeypatch.setattr(json_parts, "STREAMED_ANSWER_FLOATS", 10)
+                monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
+            answers.append(await client.post("/v2/models/multi-head/infer", json=request))
+
+    whole_answer, streamed_answer = answers
+    assert whole_answer.status_code == streamed_answer.status_code == 200
+    assert "content-length" not in streamed_answer.headers
+    assert streamed_answer.content == whole_answer.content
+    outputs = {output["name"]: output for output in streamed_answer.json()["outputs"]}
+    assert outputs["attention_weights"]["shape"] == [3, 2, 6, 6]
+    assert len(outputs["attention_weights"]["data"]) == 3 * 2 * 6 * 6
