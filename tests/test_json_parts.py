@@ -135,3 +135,24 @@ async def test_a_large_inference_answer_is_streamed_with_the_bytes_of_a_whole_on
     outputs = {output["name"]: output for output in streamed_answer.json()["outputs"]}
     assert outputs["attention_weights"]["shape"] == [3, 2, 6, 6]
     assert len(outputs["attention_weights"]["data"]) == 3 * 2 * 6 * 6
+
+
+async def test_the_next_part_is_written_while_one_is_sent():
+    import asyncio
+    import threading
+
+    from service.routes.attention import written_ahead
+
+    asked = [threading.Event() for _ in range(3)]
+
+    def parts():
+        for index in range(3):
+            asked[index].set()
+            yield f"part {index};".encode()
+
+    received = []
+    async for part in written_ahead(parts()):
+        received.append(part)
+        if len(received) < 3:  # the next part is asked for before this one is done with
+            assert await asyncio.to_thread(asked[len(received)].wait, 5), "not written ahead"
+    assert received == [b"part 0;", b"part 1;", b"part 2;"]

@@ -1,6 +1,7 @@
 """`POST /attention/{variant}` for each variant of the registry, and `GET /attention`."""
 
-from collections.abc import Awaitable, Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -141,9 +142,25 @@ def answer_body(
 def answer_response(content: bytes | Iterator[bytes]) -> Response:
     if isinstance(content, bytes):
         return Response(content, media_type="application/json")
-    # Parts are serialised on a worker thread each (StreamingResponse iterates a plain iterator
-    # in the threadpool) and sent with chunked transfer encoding, as they come.
-    return StreamingResponse(content, media_type="application/json")
+    # Sent with chunked transfer encoding, each part as soon as it is written.
+    return StreamingResponse(written_ahead(content), media_type="application/json")
+
+
+async def written_ahead(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """The parts, the next one being written on a worker thread while this one is sent.
+
+    Taken one at a time (as StreamingResponse takes a plain iterator), a part would be written
+    only after the one before had drained to the client, since the server waits for its write
+    buffer to empty before the next send: writing and sending would take turns, not overlap.
+    """
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(None, next, parts, None)
+    try:
+        while (part := await pending) is not None:
+            pending = loop.run_in_executor(None, next, parts, None)
+            yield part
+    finally:
+        pending.cancel()  # the client is gone: a part not started is not written
 
 
 def json_request_body(schema: dict[str, Any], examples: dict[str, Any]) -> dict[str, Any]:
