@@ -57,32 +57,10 @@ def test_a_token_text_that_looks_like_a_placeholder_stays_text(monkeypatch):
     assert b"".join(dumps_in_parts(payload)) == whole(payload)
 
 
-async def test_a_large_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
-    request = {"embeddings": [BOOK["inputs"]] * 3, "d_out": 4, "num_heads": 2}
-    # Computed on a worker (as large answers are), whole: the default thresholds.
-    settings = Settings(inline_work_limit=0)
-    whole_app, streamed_app = create_app(settings), create_app(settings)
-    answers = []
-    for app in (whole_app, streamed_app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            if app is streamed_app:
-                monkeypatch.setattr(json_parts, "STREAMED_ANSWER_FLOATS", 10)
-                monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
-            answers.append(await client.post("/attention/multi-head", json=request))
-
-    whole_answer, streamed_answer = answers
-    assert whole_answer.status_code == streamed_answer.status_code == 200
-    assert "content-length" in whole_answer.headers
-    assert "content-length" not in streamed_answer.headers  # sent as it is written
-    assert streamed_answer.content == whole_answer.content
-    weights = np.array(streamed_answer.json()["attention_weights"])
-    assert weights.shape == (3, 2, 6, 6)
-    np.testing.assert_allclose(weights.sum(axis=-1), 1, rtol=1e-6)
-
-
-async def test_a_large_comparison_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
-    request = {"embeddings": [BOOK["inputs"]] * 3, "d_out": 4, "num_heads": 2}
+async def whole_and_streamed(monkeypatch, path: str, request) -> tuple[httpx.Response, ...]:
+    """The answer to `request` from an app with the default thresholds (whole), then from one
+    that streams anything over 10 numbers in parts of 16; both compute on a worker thread, as
+    large answers are computed."""
     settings = Settings(inline_work_limit=0)
     answers = []
     for streamed in (False, True):
@@ -91,13 +69,29 @@ async def test_a_large_comparison_is_streamed_with_the_bytes_of_a_whole_one(monk
             if streamed:
                 monkeypatch.setattr(json_parts, "STREAMED_ANSWER_FLOATS", 10)
                 monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
-            answers.append(await client.post("/attention/compare", json=request))
+            answers.append(await client.post(path, json=request))
+    whole, streamed_answer = answers
+    assert whole.status_code == streamed_answer.status_code == 200
+    assert "content-length" in whole.headers
+    assert "content-length" not in streamed_answer.headers  # sent as it is written
+    assert streamed_answer.content == whole.content
+    return whole, streamed_answer
 
-    whole_answer, streamed_answer = answers
-    assert whole_answer.status_code == streamed_answer.status_code == 200
-    assert "content-length" not in streamed_answer.headers
-    assert streamed_answer.content == whole_answer.content
-    assert set(streamed_answer.json()["answers"]) == {
+
+async def test_a_large_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
+    request = {"embeddings": [BOOK["inputs"]] * 3, "d_out": 4, "num_heads": 2}
+    _, streamed = await whole_and_streamed(monkeypatch, "/attention/multi-head", request)
+
+    weights = np.array(streamed.json()["attention_weights"])
+    assert weights.shape == (3, 2, 6, 6)
+    np.testing.assert_allclose(weights.sum(axis=-1), 1, rtol=1e-6)
+
+
+async def test_a_large_comparison_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
+    request = {"embeddings": [BOOK["inputs"]] * 3, "d_out": 4, "num_heads": 2}
+    _, streamed = await whole_and_streamed(monkeypatch, "/attention/compare", request)
+
+    assert set(streamed.json()["answers"]) == {
         "simplified",
         "self-attention",
         "causal",
@@ -107,32 +101,16 @@ async def test_a_large_comparison_is_streamed_with_the_bytes_of_a_whole_one(monk
 
 async def test_a_large_inference_answer_is_streamed_with_the_bytes_of_a_whole_one(monkeypatch):
     data = np.array([BOOK["inputs"]] * 3, dtype=np.float32)
-    request = {
-        "inputs": [
-            {
-                "name": "embeddings",
-                "shape": list(data.shape),
-                "datatype": "FP32",
-                "data": data.ravel().tolist(),
-            }
-        ],
-        "parameters": {"d_out": 4, "num_heads": 2},
+    embeddings = {
+        "name": "embeddings",
+        "shape": list(data.shape),
+        "datatype": "FP32",
+        "data": data.ravel().tolist(),
     }
-    settings = Settings(inline_work_limit=0)
-    answers = []
-    for streamed in (False, True):
-        transport = httpx.ASGITransport(app=create_app(settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            if streamed:
-                monkeypatch.setattr(json_parts, "STREAMED_ANSWER_FLOATS", 10)
-                monkeypatch.setattr(json_parts, "PART_FLOATS", 16)
-            answers.append(await client.post("/v2/models/multi-head/infer", json=request))
+    request = {"inputs": [embeddings], "parameters": {"d_out": 4, "num_heads": 2}}
+    _, streamed = await whole_and_streamed(monkeypatch, "/v2/models/multi-head/infer", request)
 
-    whole_answer, streamed_answer = answers
-    assert whole_answer.status_code == streamed_answer.status_code == 200
-    assert "content-length" not in streamed_answer.headers
-    assert streamed_answer.content == whole_answer.content
-    outputs = {output["name"]: output for output in streamed_answer.json()["outputs"]}
+    outputs = {output["name"]: output for output in streamed.json()["outputs"]}
     assert outputs["attention_weights"]["shape"] == [3, 2, 6, 6]
     assert len(outputs["attention_weights"]["data"]) == 3 * 2 * 6 * 6
 
