@@ -147,7 +147,8 @@ def answer_response(content: bytes | Iterator[bytes]) -> Response:
 
 
 async def written_ahead(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """The parts, the next one being written on a worker thread while this one is sent.
+    """The parts, the next one being written on a worker thread (the loop's default executor)
+    while this one is sent.
 
     Taken one at a time (as StreamingResponse takes a plain iterator), a part would be written
     only after the one before had drained to the client, since the server waits for its write
