@@ -109,6 +109,18 @@ def curl_seconds(url: str, body: bytes) -> float:
     return float(seconds)
 
 
+def interleaved_medians(
+    ours: Callable[[], float], baseline: Callable[[], object], rounds: int
+) -> tuple[float, float]:
+    """Medians of `ours` (which returns its own seconds) and of timing `baseline`, alternated
+    round by round, so that drift in the machine's load falls on both alike."""
+    our_times, baseline_times = [], []
+    for _ in range(rounds):
+        our_times.append(ours())
+        baseline_times.append(median_seconds(baseline, 1))
+    return statistics.median(our_times), statistics.median(baseline_times)
+
+
 def median_seconds(action: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -184,8 +196,7 @@ def large_answer(url: str) -> float:
     endpoint = f"{url}/attention/multi-head"
     curl_seconds(endpoint, body)  # builds and caches the seeded module, as repeat requests find
     limit()
-    baseline = median_seconds(limit, 5)
-    ours = statistics.median(curl_seconds(endpoint, body) for _ in range(5))
+    ours, baseline = interleaved_medians(lambda: curl_seconds(endpoint, body), limit, 7)
     return report(
         "large answer (T=512, 12 heads)",
         ours * 1e3,
@@ -276,8 +287,7 @@ def long_input(url: str, pid: int) -> float:
     curl_seconds(endpoint, body)
     growth = proc_status_bytes(pid, "VmHWM") - before
     baseline()
-    baseline_time = median_seconds(baseline, 3)
-    ours = statistics.median(curl_seconds(endpoint, body) for _ in range(3))
+    ours, baseline_time = interleaved_medians(lambda: curl_seconds(endpoint, body), baseline, 5)
     ratio = report(
         "long input, no weights (T=4096)",
         ours * 1e3,
