@@ -38,15 +38,25 @@ class JsonFormatter(logging.Formatter):
         return self._formatted_second
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.timestamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **getattr(record, "fields", {}),
+        extra = {"exception": self.formatException(record.exc_info)} if record.exc_info else {}
+        return self.line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            {**getattr(record, "fields", {}), **extra},
+        )
+
+    def line(self, created: float, level: str, logger: str, message: str, fields: dict) -> str:
+        """One JSON line: the time to the second, the level, the logger, the message, then
+        the fields."""
+        entry = {
+            "time": self.timestamp(created),
+            "level": level.lower(),
+            "logger": logger,
+            "message": message,
+            **fields,
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
 
 
@@ -79,14 +89,8 @@ def log_request(fields: dict[str, Any]) -> None:
         access_log.info("request", extra={"fields": fields})
         return
     formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
-    entry = {
-        "time": formatter.timestamp(time.time()),
-        "level": "info",
-        "logger": access_log.name,
-        "message": "request",
-        **fields,
-    }
-    line = orjson.dumps(entry, default=str).decode() + handler.terminator
+    line = formatter.line(time.time(), "info", access_log.name, "request", fields)
+    line += handler.terminator
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no loop to wait for
