@@ -1,5 +1,8 @@
 """Large answers are sent in parts (service.json_parts) that join to exactly orjson's bytes."""
 
+import asyncio
+import threading
+
 import httpx
 import numpy as np
 import orjson
@@ -8,6 +11,7 @@ import pytest
 from service import json_parts
 from service.json_parts import dumps_in_parts
 from service.main import create_app
+from service.routes.attention import written_ahead
 from service.settings import Settings
 from tests.conftest import BOOK
 
@@ -116,11 +120,6 @@ async def test_a_large_inference_answer_is_streamed_with_the_bytes_of_a_whole_on
 
 
 async def test_the_next_part_is_written_while_one_is_sent():
-    import asyncio
-    import threading
-
-    from service.routes.attention import written_ahead
-
     asked = [threading.Event() for _ in range(3)]
 
     def parts():

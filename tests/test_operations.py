@@ -1,6 +1,7 @@
 """Operations: request ids, metrics, logs, saturation, answer-size limit, determinism under load."""
 
 import asyncio
+import io
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from service.main import create_app
+from service.observability import JsonFormatter, json_handler_alone, log_request
 from service.settings import Settings
 from tests.conftest import BOOK, make_client
 
@@ -78,16 +80,10 @@ async def test_each_request_logs_one_json_line_with_its_id():
     assert fields["route"] == "/attention/simplified"
     assert fields["status"] == 200
     assert fields["duration_ms"] > 0
-    from service.observability import JsonFormatter
-
     assert '"request_id":"abc"' in JsonFormatter().format(record)
 
 
 async def test_the_access_line_written_directly_is_the_one_logging_would_write(monkeypatch):
-    import io
-
-    from service.observability import JsonFormatter, json_handler_alone
-
     service_logger = logging.getLogger("service")
     handler = next(handler for handler in service_logger.handlers if handler.is_json)
     # pytest hangs its capture handlers on the logger too: leave the JSON handler alone, as
@@ -129,8 +125,6 @@ async def test_the_access_line_written_directly_is_the_one_logging_would_write(m
 
 
 async def test_the_lines_of_one_loop_turn_are_written_together_in_order(monkeypatch):
-    from service.observability import json_handler_alone, log_request
-
     service_logger = logging.getLogger("service")
     handler = next(handler for handler in service_logger.handlers if handler.is_json)
     monkeypatch.setattr(service_logger, "handlers", [handler])
@@ -159,8 +153,6 @@ async def test_the_lines_of_one_loop_turn_are_written_together_in_order(monkeypa
 
 
 async def test_a_broken_log_stream_never_fails_the_request(monkeypatch):
-    from service.observability import json_handler_alone
-
     service_logger = logging.getLogger("service")
     handler = next(handler for handler in service_logger.handlers if handler.is_json)
     monkeypatch.setattr(service_logger, "handlers", [handler])
