@@ -247,18 +247,53 @@ NUMBER_TYPES = {float, int}  # bool is neither: `type(True) is bool`
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+# The book's shape of body: fields of plain values and one matrix of numbers. Decoding to this
+# type checks in C that every entry of a matrix is a number (never a boolean, string or null,
+# integers made floats as the other decoders make them), which is most of the small path's
+# checking. A body of another shape (a batch, a list of steps or texts) fails it, and one with
+# another list (an attention_mask, whose 1s must stay integers) is not taken from it: those are
+# decoded untyped and checked in Python instead.
+_book_shaped = msgspec.json.Decoder(
+    dict[str, bool | int | float | str | list[list[float]] | dict[str, Any] | None]
+)
+
+
 def small_values(body: bytes | bytearray) -> dict[str, Any]:
     """The fields of a small body, decoded as the careful path decodes them (msgspec), or
     NotFast for anything the careful path must judge, so its messages stay the only ones."""
     try:
-        values = msgspec.json.decode(body)
+        values = _book_shaped.decode(body)
+    except msgspec.ValidationError:
+        values = None
     except (msgspec.MsgspecError, ValueError, RecursionError):  # ValueError: invalid UTF-8
+        raise NotFast from None
+    if values is not None and type(values.get("embeddings")) is list:
+        matrix = values["embeddings"]
+        del values["embeddings"]
+        if not any(type(value) is list for value in values.values()):
+            values["embeddings"] = small_float_rows(matrix)  # rows of floats, as decoded
+            return values
+    try:
+        values = msgspec.json.decode(body)
+    except (msgspec.MsgspecError, ValueError, RecursionError):
         raise NotFast from None
     if type(values) is not dict:
         raise NotFast
     if "embeddings" in values:
         values["embeddings"] = small_matrix(values["embeddings"])
     return values
+
+
+def small_float_rows(rows: list[list[float]]) -> np.ndarray:
+    """(T, d) from rows of Python floats, or NotFast unless they make a non-empty box."""
+    if not rows or not rows[0] or len(set(map(len, rows))) != 1:
+        raise NotFast  # ragged or empty: the careful path words it
+    # Checked on the Python floats, cheaper than on an array for so few: beyond float32's range
+    # the careful path locates the number. Within it, a float64 rounds to float32 as the other
+    # decoders' cast rounds it.
+    if not (min(map(min, rows)) >= -FLOAT32_MAX and max(map(max, rows)) <= FLOAT32_MAX):
+        raise NotFast
+    return np.array(rows, dtype=np.float32)
 
 
 def small_matrix(embeddings: Any) -> np.ndarray:
@@ -283,12 +318,17 @@ def small_matrix(embeddings: Any) -> np.ndarray:
         wide = np.array(rows, dtype=np.float64)
     except (ValueError, OverflowError):  # ragged rows, or an integer beyond float64
         raise NotFast from None
+    matrix = float32_box(wide)
+    return matrix.reshape(*batch_shape, matrix.shape[1]) if batch_shape else matrix
+
+
+def float32_box(wide: np.ndarray) -> np.ndarray:
+    """A (T, d) float64 matrix as float32, or NotFast if it is not one or overflows float32."""
     # Within float32's range the cast cannot overflow (JSON has no inf or nan); beyond it the
     # careful path locates the number.
     if wide.ndim != 2 or 0 in wide.shape or not np.abs(wide).max() <= FLOAT32_MAX:
         raise NotFast
-    matrix = wide.astype(np.float32)
-    return matrix.reshape(*batch_shape, matrix.shape[1]) if batch_shape else matrix
+    return wide.astype(np.float32)
 
 
 @cache

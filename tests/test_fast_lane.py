@@ -125,8 +125,7 @@ async def test_an_unexpected_error_is_a_plain_500_raised_on_to_the_server_as_rou
                     headers={"X-Request-ID": "bug-1"},
                 )
             )
-        metrics = app.state.metrics.requests.labels("POST", "/attention/simplified", "500")
-        assert metrics._value.get() == 2
+        assert app.state.metrics.requests_counted("POST", "/attention/simplified", 500) == 2
 
     fast, routed = answers
     assert fast.status_code == routed.status_code == 500
