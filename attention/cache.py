@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+_MISSING = object()
 
 
 class BoundedCache(Generic[K, V]):
@@ -19,9 +20,10 @@ class BoundedCache(Generic[K, V]):
 
     def get_or_create(self, key: K, create: Callable[[], V]) -> V:
         with self._lock:
-            if key in self._items:
+            value = self._items.get(key, _MISSING)  # one lookup: a config's __eq__ is Python
+            if value is not _MISSING:
                 self._items.move_to_end(key)
-                return self._items[key]
+                return value
         # Built outside the lock: two threads may build the same value once each, but a slow
         # build never blocks requests for other keys.
         value = create()

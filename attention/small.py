@@ -137,10 +137,11 @@ def attend(
         scores /= np.float32(math.sqrt(keys.shape[-1]))
         if steps is not None:
             steps["scaled_scores"] = scores.copy()
-    # Softmax as torch computes it: shift by the row's maximum, exponentiate, normalise.
-    scores -= scores.max(axis=-1, keepdims=True)
+    # Softmax as torch computes it: shift by the row's maximum, exponentiate, normalise. The
+    # ufuncs' own reductions: `.max()` and `.sum()` add a Python wrapper each.
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
     weights = np.exp(scores, out=scores)
-    weights /= weights.sum(axis=-1, keepdims=True)
+    weights /= np.add.reduce(weights, axis=-1, keepdims=True)
     if steps is not None and causal:
         steps["weights_before_dropout"] = weights  # no dropout here: the weights themselves
     return weights @ values, weights
