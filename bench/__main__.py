@@ -55,28 +55,36 @@ class Client:
 
 @contextmanager
 def server(app: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """The app served by uvicorn on loopback, its output (the service's access log: one line
+    per request, tens of thousands here) going to a file, as a deployment's would go to its log
+    collector rather than to this benchmark's console."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning"], env={**os.environ, **(env or {})}
-    )
-    url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client = Client(url)
-                if client.request("GET", "/healthz")[0] == 200:
-                    client.close()
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{app} did not start") from None
-                time.sleep(0.2)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [*command, "--log-level", "warning"],
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=log,
+        )
+        url = f"http://{HOST}:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client = Client(url)
+                    if client.request("GET", "/healthz")[0] == 200:
+                        client.close()
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        log.seek(0)
+                        raise RuntimeError(f"{app} did not start:\n{log.read()[-4000:]}") from None
+                    time.sleep(0.2)
+            yield url, process.pid
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def curl_seconds(url: str, body: bytes) -> float:
