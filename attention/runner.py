@@ -76,8 +76,13 @@ class AttentionRunner:
         include: tuple[str, ...] = (),
         parameters: Parameters | None = None,
         padding: torch.Tensor | None = None,
+        threads: int | None = None,
     ) -> AttentionResult:
         """inputs: (b, T, d_in) float32; padding: (b, T) booleans, True at padded positions.
+
+        `threads`: torch's intra-op threads for a computation torch runs (set for the calling
+        thread; OpenMP keeps the setting per thread). The small path runs in numpy and leaves
+        it alone: setting it costs a few microseconds, as much as a small computation.
 
         `include` names the steps to return. `parameters` (named and shaped as
         `named_parameters` gives them) replace the seeded weights, as `load_state_dict` would
@@ -96,6 +101,8 @@ class AttentionRunner:
             and config.multiply_adds(batch_size, num_tokens) <= small.SMALL_WORK_LIMIT
         ):
             return self.run_small(seeded, inputs, return_weights, include, parameters)
+        if threads is not None:
+            torch.set_num_threads(threads)
         module, state_after_init = seeded.module, seeded.state_after_init
         if parameters is not None:
             module = with_parameters(module, parameters)

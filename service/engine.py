@@ -6,6 +6,7 @@ GPT-2 encoding is loaded once per process.
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -284,14 +285,14 @@ class Engine:
         # not take, and model_dump or pydantic's __getattr__ for a missing field costs more than
         # computing the book's example.
         fields = vars(request)
-        return AttentionConfig(
-            d_in=d_in,
-            d_out=fields.get("d_out") or d_in,
-            num_heads=fields.get("num_heads", 1),
-            seed=fields.get("seed"),
-            dropout=fields.get("dropout", 0.0),
-            qkv_bias=fields.get("qkv_bias", False),
-            implementation=fields.get("implementation", variant.default_implementation),
+        return attention_config(
+            d_in,
+            fields.get("d_out") or d_in,
+            fields.get("num_heads", 1),
+            fields.get("seed"),
+            fields.get("dropout", 0.0),
+            fields.get("qkv_bias", False),
+            fields.get("implementation", variant.default_implementation),
         )
 
     def inputs(self, job: Job) -> np.ndarray | torch.Tensor:
@@ -327,7 +328,8 @@ class Engine:
         costs more to wake than the work, and spins on the core the server needs) while a
         worker thread computes large ones on all of them.
         """
-        torch.set_num_threads(threads)
+        if job.tokens is not None:  # the embedding lookups run in torch too
+            torch.set_num_threads(threads)
         request = job.request
         result = self.runner.run(
             job.variant,
@@ -337,6 +339,7 @@ class Engine:
             include=job.include,
             parameters=job.parameters,
             padding=None if job.padding is None else torch.from_numpy(job.padding),
+            threads=threads,
         )
         if self.count_tokens is not None:
             self.count_tokens(job.variant.name, job.batch_size * job.num_tokens)
@@ -414,6 +417,13 @@ class Engine:
             for name in TEXT_PARAMETERS:
                 report[name] = getattr(request, name)
         return report
+
+
+# The same configurations come again and again. Made once, a repeat is one lookup rather than a
+# frozen dataclass's construction, and the module cache then finds its key by identity rather
+# than through the dataclass's Python __eq__. `typed`: a dropout of 0 and of 0.0 stay apart, as
+# the answer's config reports them.
+attention_config = lru_cache(maxsize=4096, typed=True)(AttentionConfig)
 
 
 def as_array(tensor: np.ndarray | torch.Tensor) -> np.ndarray:
