@@ -22,6 +22,7 @@ from attention import (
     Token,
     Variant,
     gpt2_encoding,
+    kernels,
     tokenize,
 )
 from attention.parameters import Parameters, parameter_shapes
@@ -67,8 +68,10 @@ class Engine:
         self.threads = settings.torch_threads or torch.get_num_threads()
 
     def warm_up(self) -> None:
-        """Load the encoding and the default embedding tables before the first request."""
+        """Load the encoding and the default embedding tables, and compile the small path's
+        kernels, before the first request."""
         gpt2_encoding()
+        kernels.warm_up()
         defaults = RequestBase.model_fields
         self.tables.tables(
             defaults["embedding_dim"].default,
