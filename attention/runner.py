@@ -5,8 +5,9 @@ depends on the request alone however many run at once. Seeded modules are built 
 a bounded cache together with the generator state their construction left behind: dropout then
 continues the stream from exactly where `torch.manual_seed(seed); BookClass(...)` would.
 
-Computations below `small.SMALL_WORK_LIMIT` without dropout run the same arithmetic in numpy
-(see `attention.small`), on numpy copies of the weights kept with the cached module.
+Computations below `small.SMALL_WORK_LIMIT` without dropout run the same arithmetic in compiled
+loops (see `attention.small` and `attention.kernels`), on numpy copies of the weights kept with
+the cached module.
 """
 
 from dataclasses import dataclass, field
@@ -81,8 +82,8 @@ class AttentionRunner:
         """inputs: (b, T, d_in) float32; padding: (b, T) booleans, True at padded positions.
 
         `threads`: torch's intra-op threads for a computation torch runs (set for the calling
-        thread; OpenMP keeps the setting per thread). The small path runs in numpy and leaves
-        it alone: setting it costs a few microseconds, as much as a small computation.
+        thread; OpenMP keeps the setting per thread). The small path does not run in torch and
+        leaves it alone: setting it costs a few microseconds, as much as a small computation.
 
         `include` names the steps to return. `parameters` (named and shaped as
         `named_parameters` gives them) replace the seeded weights, as `load_state_dict` would
@@ -100,7 +101,8 @@ class AttentionRunner:
             and padding is None  # padding is masked by torch alone
             and config.multiply_adds(batch_size, num_tokens) <= small.SMALL_WORK_LIMIT
         ):
-            return self.run_small(seeded, inputs, return_weights, include, parameters)
+            work = config.multiply_adds(batch_size, num_tokens)
+            return self.run_small(seeded, inputs, work, return_weights, include, parameters)
         if threads is not None:
             torch.set_num_threads(threads)
         module, state_after_init = seeded.module, seeded.state_after_init
@@ -138,6 +140,7 @@ class AttentionRunner:
     def run_small(
         seeded: SeededModule,
         inputs: Array,
+        work: int,
         return_weights: bool,
         include: tuple[str, ...],
         parameters: Parameters | None,
@@ -149,7 +152,7 @@ class AttentionRunner:
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.numpy()
         steps: small.Steps | None = {} if include else None
-        context_vec, attn_weights = small.forward(weights, inputs, steps=steps)
+        context_vec, attn_weights = small.forward(weights, inputs, work=work, steps=steps)
         attn_weights = attn_weights if return_weights else None
         if not include:
             return AttentionResult(context_vec, attn_weights)

@@ -2,14 +2,15 @@
 
 On this project's CPU each torch operation costs ~10 us of dispatch whatever its size, and the
 book's 6 x 3 example needs a dozen of them. So below SMALL_WORK_LIMIT multiply-adds (see
-`AttentionConfig.multiply_adds`) a computation without dropout runs here: the module's weights
-are copied once into numpy, in the layout `attention.kernels` computes from, and the kernels do
-the same operations as `attention.variants` and `attention.functional.attend`, in the same
-order. The results equal torch's up to float32 rounding (each library sums in its own order);
-the tests hold every variant to that. Dropout stays with torch: its masks must come from
-torch's random stream.
+`AttentionConfig.multiply_adds`) a computation without dropout runs here, on numpy copies of
+the module's weights: the same operations as `attention.variants` and
+`attention.functional.attend`, in the same order, in compiled loops (`attention.kernels`) for
+the tiniest computations and in numpy above KERNEL_WORK_LIMIT. The results equal torch's up to
+float32 rounding (each library sums in its own order); the tests hold every variant to that.
+Dropout stays with torch: its masks must come from torch's random stream.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,11 @@ from attention.variants import (
 # default `inline_work_limit`, whose computations run on the event loop, where every microsecond
 # is the server's.
 SMALL_WORK_LIMIT = 200_000
+# Below this the compiled kernels, one call, beat numpy's dozen (the book's example: ~3 us
+# against ~10); above it numpy's BLAS products outrun their plain loops (82k multiply-adds: ~31
+# us against ~13). Measured as SMALL_WORK_LIMIT was; inside a server the kernels gain more, as
+# numpy's many calls run with colder caches.
+KERNEL_WORK_LIMIT = 32_768
 
 Steps = dict[str, np.ndarray]
 
@@ -112,14 +118,96 @@ def own(tensor) -> np.ndarray:
     return np.array(tensor.detach().numpy(), dtype=np.float32, order="C")
 
 
+def project(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """`nn.Linear` (or v1's `x @ W`): the product, then the bias, as addmm adds it."""
+    projected = x @ weight
+    if bias is not None:
+        projected += bias
+    return projected
+
+
+def attend(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    causal: bool,
+    scaled: bool,
+    steps: Steps | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`attention.functional.attend`'s explicit path without dropout: (context, weights)."""
+    scores = queries @ keys.swapaxes(-2, -1)  # (..., T, T)
+    if steps is not None:
+        steps["attention_scores"] = scores
+        scores = scores.copy()  # the raw scores are a step of their own: mask a copy
+    if causal:
+        mask = kernels.causal_mask(scores.shape[-1])
+        np.copyto(scores, -np.inf, where=mask)
+        if steps is not None:
+            steps["mask"] = mask
+    if scaled:
+        scores /= np.float32(math.sqrt(keys.shape[-1]))
+        if steps is not None:
+            steps["scaled_scores"] = scores.copy()
+    # Softmax as torch computes it: shift by the row's maximum, exponentiate, normalise. The
+    # ufuncs' own reductions: `.max()` and `.sum()` add a Python wrapper each.
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
+    weights = np.exp(scores, out=scores)
+    weights /= np.add.reduce(weights, axis=-1, keepdims=True)
+    if steps is not None and causal:
+        steps["weights_before_dropout"] = weights  # no dropout here: the weights themselves
+    return weights @ values, weights
+
+
 def forward(
-    weights: NumpyWeights, x: np.ndarray, *, steps: Steps | None = None
+    weights: NumpyWeights, x: np.ndarray, *, work: int, steps: Steps | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Context vectors (b, T, output_dim) and attention weights (b, T, T) or (b, H, T, T).
 
-    x: (b, T, d_in) float32. `steps`, when given, receives the same tensors under the same names
-    as the torch modules record them (parameters aside: the runner adds those). The compiled
-    kernels compute everything in one call, steps or not (see `attention.kernels`): asking for
-    steps never changes a number of the answer.
+    x: (b, T, d_in) float32; `work`: the computation's multiply-adds, which choose between the
+    compiled kernels (`attention.kernels`) and numpy. `steps`, when given, receives the same
+    tensors under the same names as the torch modules record them (parameters aside: the runner
+    adds those). The steps do not choose the path: asking for them never changes a number of
+    the answer.
     """
-    return kernels.forward(weights.kernel, x, steps)
+    if work <= KERNEL_WORK_LIMIT:
+        return kernels.forward(weights.kernel, x, steps)
+    return forward_numpy(weights, x, steps=steps)
+
+
+def forward_numpy(
+    weights: NumpyWeights, x: np.ndarray, *, steps: Steps | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`forward` in numpy operations: above KERNEL_WORK_LIMIT numpy's BLAS products outrun the
+    kernels' plain loops."""
+    if weights.kind == "simplified":
+        return attend(x, x, x, causal=False, scaled=False, steps=steps)
+    if weights.kind == "wrapper":
+        x = x[:, np.newaxis]  # (b, 1, T, d_in) against (H, d_in, 3 d_out): every head at once
+    projected = project(x, weights.projections, weights.projection_biases)
+    width = projected.shape[-1] // 3
+    queries, keys, values = (
+        projected[..., :width],
+        projected[..., width : 2 * width],
+        projected[..., 2 * width :],
+    )
+    if weights.kind == "fused":
+        b, num_tokens, d_out = keys.shape
+        split = (b, num_tokens, weights.num_heads, d_out // weights.num_heads)
+        keys = keys.reshape(split).transpose(0, 2, 1, 3)  # (b, H, T, head_dim)
+        queries = queries.reshape(split).transpose(0, 2, 1, 3)
+        values = values.reshape(split).transpose(0, 2, 1, 3)
+    if steps is not None:
+        steps.update(queries=queries, keys=keys, values=values)
+    context, attention = attend(
+        queries, keys, values, causal=weights.causal, scaled=True, steps=steps
+    )
+    if weights.kind == "single":
+        return context, attention
+    if steps is not None:
+        steps["head_outputs"] = context  # (b, H, T, head_dim or d_out)
+    b, heads, num_tokens, width = context.shape
+    context = context.transpose(0, 2, 1, 3).reshape(b, num_tokens, heads * width)
+    if weights.kind == "fused":
+        context = project(context, weights.out_proj, weights.out_proj_bias)
+    return context, attention

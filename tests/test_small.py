@@ -77,8 +77,19 @@ def cases() -> list[tuple[Any, ...]]:
     ]
 
 
+@pytest.fixture(params=["kernels", "numpy"])
+def small_arithmetic(request, monkeypatch):
+    """Each test below runs on both of the small path's implementations (see
+    small.KERNEL_WORK_LIMIT), whatever the size of its inputs."""
+    limit = small.SMALL_WORK_LIMIT if request.param == "kernels" else -1
+    monkeypatch.setattr(small, "KERNEL_WORK_LIMIT", limit)
+    return request.param
+
+
 @pytest.mark.parametrize(("name", "implementation", "shape", "qkv_bias"), cases())
-def test_the_small_path_equals_the_torch_module(name, implementation, shape, qkv_bias):
+def test_the_small_path_equals_the_torch_module(
+    name, implementation, shape, qkv_bias, small_arithmetic
+):
     variant = VARIANTS[name]
     cfg = config(name, implementation, shape[-1], qkv_bias=qkv_bias, d_out=6, num_heads=3)
     runner = AttentionRunner()
@@ -93,7 +104,7 @@ def test_the_small_path_equals_the_torch_module(name, implementation, shape, qkv
 
 
 @pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS, ids=IDS)
-def test_every_step_equals_the_torch_modules_step(name, implementation):
+def test_every_step_equals_the_torch_modules_step(name, implementation, small_arithmetic):
     variant = VARIANTS[name]
     cfg = config(name, implementation, 5, qkv_bias=implementation != "v1", d_out=4)
     runner = AttentionRunner()
@@ -114,7 +125,9 @@ def test_every_step_equals_the_torch_modules_step(name, implementation):
 
 
 @pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS[1:], ids=IDS[1:])
-def test_supplied_parameters_equal_the_torch_module_loaded_with_them(name, implementation):
+def test_supplied_parameters_equal_the_torch_module_loaded_with_them(
+    name, implementation, small_arithmetic
+):
     variant = VARIANTS[name]
     cfg = config(name, implementation, 3, qkv_bias=implementation != "v1", d_out=4)
     runner = AttentionRunner()
