@@ -241,7 +241,11 @@ def small_answer(url: str, bare_url: str) -> float:
     )
 
 
-def throughput(url: str, bare_url: str) -> float | None:
+def throughput(url: str, bare_url: str, pid: int, bare_pid: int) -> float | None:
+    """Requests per second with 8 connections (wrk, from a second process), alternated with the
+    baseline in short rounds: wrk and the server share this machine's two cores, so each round's
+    figure moves with whatever else the host runs. The server's CPU time per request, read from
+    /proc over the same rounds, is printed too: it moves less."""
     wrk = shutil.which("wrk")
     if wrk is None:
         print("throughput: skipped, `wrk` is not installed (apt-get install wrk)")
@@ -253,29 +257,48 @@ def throughput(url: str, bare_url: str) -> float | None:
         )
         script.flush()
 
-        def requests_per_second(target: str) -> float:
+        def measured(target: str, server_pid: int) -> tuple[float, float]:
+            """(requests per second, server CPU seconds per request) over one round."""
+            cpu_before = cpu_seconds(server_pid)
             output = subprocess.run(
-                [wrk, "-t1", "-c8", "-d4s", "-s", script.name, target],
+                [wrk, "-t1", "-c8", "-d2s", "-s", script.name, target],
                 capture_output=True,
                 text=True,
                 check=True,
             ).stdout
+            cpu = cpu_seconds(server_pid) - cpu_before
             line = next(line for line in output.splitlines() if line.startswith("Requests/sec"))
-            return float(line.split()[1])
+            done = next(line for line in output.splitlines() if "requests in" in line)
+            return float(line.split()[1]), cpu / int(done.split()[0])
 
-        ours_url, bare_echo = f"{url}/attention/self-attention", f"{bare_url}/echo"
-        requests_per_second(ours_url)  # warm up
+        ours_target, bare_target = f"{url}/attention/self-attention", f"{bare_url}/echo"
+        measured(ours_target, pid)  # warm up
+        measured(bare_target, bare_pid)
         ours, bare = [], []
-        for _ in range(3):
-            ours.append(requests_per_second(ours_url))
-            bare.append(requests_per_second(bare_echo))
-    return report(
+        for _ in range(7):
+            ours.append(measured(ours_target, pid))
+            bare.append(measured(bare_target, bare_pid))
+    ratio = report(
         "throughput (8 connections)",
-        statistics.median(ours),
-        statistics.median(bare),
+        statistics.median(rate for rate, _ in ours),
+        statistics.median(rate for rate, _ in bare),
         "req/s",
         ">= 1.0x a bare echo endpoint",
     )
+    our_cpu = statistics.median(cpu for _, cpu in ours) * 1e6
+    bare_cpu = statistics.median(cpu for _, cpu in bare) * 1e6
+    print(
+        f"{'  server CPU per request':<34} ours {our_cpu:9.4g} us    "
+        f"baseline {bare_cpu:9.4g} us    ratio {our_cpu / bare_cpu:5.2f}x  (lower is better)"
+    )
+    return ratio
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time the process has used, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def long_input(url: str, pid: int) -> float:
@@ -320,9 +343,10 @@ def main() -> None:
         large_answer(url)
         status, answer = Client(url).request("POST", "/attention/self-attention", BOOK_BODY)
         assert status == 200
-        with server("bench.bare_app:app", {"BARE_ANSWER": answer.decode()}) as (bare_url, _):
+        bare = server("bench.bare_app:app", {"BARE_ANSWER": answer.decode()})
+        with bare as (bare_url, bare_pid):
             small_answer(url, bare_url)
-            throughput(url, bare_url)
+            throughput(url, bare_url, pid, bare_pid)
 
 
 if __name__ == "__main__":
