@@ -24,9 +24,11 @@ from attention.registry import AttentionConfig, Variant
 Array = torch.Tensor | np.ndarray
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets its fields through object.__setattr__, a cost paid on every
+# request of the small path for no safety the callers need.
+@dataclass(slots=True)
 class AttentionResult:
-    """Tensors from the torch path, numpy arrays from the small path."""
+    """Tensors from the torch path, numpy arrays from the small path (treat as read-only)."""
 
     context_vectors: Array  # (b, T, output_dim)
     attention_weights: Array | None  # (b, T, T), or (b, H, T, T) for multi-head
@@ -95,13 +97,12 @@ class AttentionRunner:
         if padding is not None and not padding.any():
             padding = None  # a full mask: the same computation, to the bit, as no mask
         seeded = self.seeded(variant, config)
-        batch_size, num_tokens = inputs.shape[0], inputs.shape[1]
+        work = config.multiply_adds(inputs.shape[0], inputs.shape[1])
         if (
             config.dropout == 0
             and padding is None  # padding is masked by torch alone
-            and config.multiply_adds(batch_size, num_tokens) <= small.SMALL_WORK_LIMIT
+            and work <= small.SMALL_WORK_LIMIT
         ):
-            work = config.multiply_adds(batch_size, num_tokens)
             return self.run_small(seeded, inputs, work, return_weights, include, parameters)
         if threads is not None:
             torch.set_num_threads(threads)

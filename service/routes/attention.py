@@ -1,7 +1,7 @@
 """`POST /attention/{variant}` for each variant of the registry, and `GET /attention`."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -147,9 +147,25 @@ def answer_body(
     return engine.answer_or_parts(engine.prepare(variant, request), threads=engine.threads)
 
 
+class JSONAnswer(Response):
+    """An answer already serialised to JSON: its two headers made directly, where
+    Response.init_headers parses the media type for a charset on every call."""
+
+    media_type = "application/json"
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        if headers is not None:
+            super().init_headers(headers)
+            return
+        self.raw_headers = [
+            (b"content-length", str(len(self.body)).encode()),
+            (b"content-type", b"application/json"),
+        ]
+
+
 def answer_response(content: bytes | Iterator[bytes]) -> Response:
     if isinstance(content, bytes):
-        return Response(content, media_type="application/json")
+        return JSONAnswer(content)
     # Sent with chunked transfer encoding, each part as soon as it is written.
     return StreamingResponse(written_ahead(content), media_type="application/json")
 
