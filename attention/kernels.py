@@ -5,13 +5,14 @@ tight loop, but 3-4 us inside a server, whose network stack leaves numpy's dispa
 the caches between requests: measured under load, the numpy computation was a third of a small
 request's CPU time. These loops, compiled once by numba, do the same arithmetic in one call.
 
-Same operations in the same order as `attention.small` (and the book's modules): the projections
-with their biases added after the product, the raw scores, the causal mask as -inf, the division
-by sqrt(d_k), softmax as torch computes it (shift by the row's maximum, exponentiate,
-normalise), the weighted sum of the values, then `out_proj` for the fused class. Every sum runs
-in index order, where numpy's BLAS sums in its own: the results equal torch's up to float32
-rounding, as the tests hold every variant to. Steps (`include`) stay with numpy, which records
-them.
+Same operations in the same order as `attention.small`'s numpy version (and the book's
+modules): the projections with their biases added after the product, the raw scores, the causal
+mask as -inf, the division by sqrt(d_k), softmax as torch computes it (shift by the row's
+maximum, exponentiate, normalise), the weighted sum of the values, then `out_proj` for the fused
+class. Every sum runs in index order, where BLAS sums in its own: the results equal torch's up to
+float32 rounding, as the tests hold every variant to. The steps (`include`) are recorded by the
+same call, so asking for them changes no number. Plain loops are no match for BLAS on larger
+inputs: `attention.small` sends those to numpy (KERNEL_WORK_LIMIT).
 
 Every head of every kind is one block of columns of one projection: the wrapper's heads side by
 side, the fused class's heads as slices of its queries, keys and values.
@@ -53,7 +54,6 @@ def layout(
     num_heads: int,
     out_proj: np.ndarray | None,
     out_proj_bias: np.ndarray | None,
-    d_in: int | None = None,
 ) -> Layout:
     """From `attention.small.NumpyWeights`'s fields. projections: (d_in, 3 d_out), or for the
     wrapper (H, d_in, 3 d_out); biases shaped alike with a 1 before the last axis."""
