@@ -63,7 +63,7 @@ def layout(
         return Layout(None, EMPTY, zero, zero, zero, 0, False, np.float32(0), None, EMPTY, True)
     if kind == "wrapper":  # head h's [W_query | W_key | W_value] at columns h * 3 d_out on
         width = projections.shape[-1] // 3
-        flat = np.ascontiguousarray(np.concatenate(list(projections), axis=1))
+        flat = np.concatenate(list(projections), axis=1)  # (d_in, H x 3 d_out)
         flat_biases = EMPTY if biases is None else np.concatenate(list(biases[:, 0]))
         first = heads * 3 * width
         query_columns, key_columns, value_columns = first, first + width, first + 2 * width
@@ -71,7 +71,7 @@ def layout(
         d_out = projections.shape[-1] // 3
         width = d_out // num_heads
         flat = projections
-        flat_biases = EMPTY if biases is None else np.ascontiguousarray(biases[0])
+        flat_biases = EMPTY if biases is None else biases[0]
         query_columns = heads * width
         key_columns, value_columns = query_columns + d_out, query_columns + 2 * d_out
     return Layout(
@@ -174,11 +174,11 @@ def record_steps(
             ]
         steps.update(queries=split[0], keys=split[1], values=split[2])
     steps["attention_scores"] = raw_scores[:, 0] if single else raw_scores
-    if weights.causal:
-        steps["mask"] = causal_mask(attention.shape[-1])
     if weights.scale:
         steps["scaled_scores"] = scaled_scores[:, 0] if single else scaled_scores
-    if weights.causal:  # no dropout here: the weights themselves
+    if weights.causal:
+        steps["mask"] = causal_mask(attention.shape[-1])
+        # No dropout on the small path: the weights themselves.
         steps["weights_before_dropout"] = attention[:, 0] if single else attention
     if not single:
         batch, num_tokens, _ = heads_context.shape

@@ -57,7 +57,7 @@ class NumpyWeights:
     out_proj: np.ndarray | None = None
     out_proj_bias: np.ndarray | None = None
     num_heads: int = 1
-    # The same weights laid out for the compiled kernels, which compute when no step is asked.
+    # The same weights laid out for the compiled kernels (see `forward` for which computes).
     kernel: kernels.Layout | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

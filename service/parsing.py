@@ -318,17 +318,12 @@ def small_matrix(embeddings: Any) -> np.ndarray:
         wide = np.array(rows, dtype=np.float64)
     except (ValueError, OverflowError):  # ragged rows, or an integer beyond float64
         raise NotFast from None
-    matrix = float32_box(wide)
-    return matrix.reshape(*batch_shape, matrix.shape[1]) if batch_shape else matrix
-
-
-def float32_box(wide: np.ndarray) -> np.ndarray:
-    """A (T, d) float64 matrix as float32, or NotFast if it is not one or overflows float32."""
     # Within float32's range the cast cannot overflow (JSON has no inf or nan); beyond it the
     # careful path locates the number.
     if wide.ndim != 2 or 0 in wide.shape or not np.abs(wide).max() <= FLOAT32_MAX:
         raise NotFast
-    return wide.astype(np.float32)
+    matrix = wide.astype(np.float32)
+    return matrix.reshape(*batch_shape, matrix.shape[1]) if batch_shape else matrix
 
 
 @cache
