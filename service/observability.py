@@ -162,6 +162,7 @@ def json_handler_alone() -> logging.StreamHandler | None:
 # Latency buckets, in seconds: the book's example takes well under a millisecond, a 4096-token
 # input seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BUCKET_LABELS = [floatToGoString(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]  # `le` values
 
 
 class Metrics:
@@ -182,7 +183,7 @@ class Metrics:
         )
         self._lock = threading.Lock()  # tokens are counted on worker threads too
         self._requests: dict[tuple[str, str, str], Tally] = {}  # (method, route, status)
-        self._latency: dict[tuple[str, str], Histogram] = {}  # (method, route)
+        self._latency: dict[tuple[str, str], LatencyCounts] = {}  # (method, route)
         self._tokens: dict[str, Tally] = {}  # variant
         self.registry.register(self)
 
@@ -196,7 +197,7 @@ class Metrics:
             tally.value += 1
             histogram = self._latency.get(key[:2])
             if histogram is None:
-                histogram = self._latency[key[:2]] = Histogram()
+                histogram = self._latency[key[:2]] = LatencyCounts()
             histogram.counts[bucket] += 1
             histogram.sum += seconds
 
@@ -206,11 +207,6 @@ class Metrics:
             if tally is None:
                 tally = self._tokens[variant] = Tally()
             tally.value += tokens
-
-    def requests_counted(self, method: str, route: str, status: int) -> int:
-        with self._lock:
-            tally = self._requests.get((method, route, str(status)))
-            return 0 if tally is None else tally.value
 
     def collect(self) -> Iterator[Metric]:
         """The families prometheus_client's Counter and Histogram would expose."""
@@ -234,9 +230,8 @@ class Metrics:
             labels=["method", "route"],
         )
         for labels, counts, total, created in latency:
-            cumulative = list(accumulate(counts))
-            bounds = [floatToGoString(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]
-            latency_family.add_metric(labels, list(zip(bounds, cumulative, strict=True)), total)
+            buckets = list(zip(BUCKET_LABELS, accumulate(counts), strict=True))
+            latency_family.add_metric(labels, buckets, total)
             latency_family.add_sample(
                 "attention_http_request_duration_seconds_created",
                 dict(zip(["method", "route"], labels, strict=True)),
@@ -260,7 +255,7 @@ class Tally:
         self.created = time.time()
 
 
-class Histogram:
+class LatencyCounts:
     """Counts per latency bucket (not cumulative; the last is +Inf) and their sum."""
 
     __slots__ = ("counts", "created", "sum")

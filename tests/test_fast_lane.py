@@ -5,6 +5,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from service.main import create_app
 from service.settings import Settings
@@ -125,7 +126,9 @@ async def test_an_unexpected_error_is_a_plain_500_raised_on_to_the_server_as_rou
                     headers={"X-Request-ID": "bug-1"},
                 )
             )
-        assert app.state.metrics.requests_counted("POST", "/attention/simplified", 500) == 2
+        exposition = generate_latest(app.state.metrics.registry).decode()
+        counted = 'attention_http_requests_total{method="POST",route="/attention/simplified",'
+        assert f'{counted}status="500"}} 2.0' in exposition
 
     fast, routed = answers
     assert fast.status_code == routed.status_code == 500

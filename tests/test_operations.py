@@ -10,9 +10,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from service.main import create_app
-from service.observability import JsonFormatter, json_handler_alone, log_request
+from service.observability import JsonFormatter, Metrics, json_handler_alone, log_request
 from service.settings import Settings
 from tests.conftest import BOOK, make_client
 
@@ -32,7 +33,7 @@ async def test_a_request_id_is_echoed_when_given_and_made_when_not(client):
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    wanted = re.escape(",".join(f'{key}="{value}"' for key, value in labels.items()))
     pattern = rf"^{name}\{{{wanted}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
@@ -56,6 +57,29 @@ async def test_metrics_count_requests_by_route_and_status_and_tokens_by_variant(
     assert metric(text, "attention_tokens_processed_total", variant="causal") == 6 + 18
     latency = "attention_http_request_duration_seconds_count"
     assert metric(text, latency, method="POST", route="/attention/causal") == 3
+
+
+def test_latency_is_counted_in_cumulative_buckets_as_prometheus_defines_them():
+    metrics = Metrics()
+    for seconds in (0.0004, 0.001, 0.003, 20.0):  # 0.001 is on a bound: `le` includes it
+        metrics.count_request("POST", "/attention/causal", 200, seconds)
+    metrics.count_request("POST", "/attention/causal", 422, 0.002)
+
+    text = generate_latest(metrics.registry).decode()
+    labels = {"method": "POST", "route": "/attention/causal"}
+    bucket = "attention_http_request_duration_seconds_bucket"
+    assert metric(text, bucket, le="0.001", **labels) == 2
+    assert metric(text, bucket, le="0.0025", **labels) == 3
+    assert metric(text, bucket, le="0.005", **labels) == 4
+    assert metric(text, bucket, le="10.0", **labels) == 4
+    assert metric(text, bucket, le="+Inf", **labels) == 5
+    assert metric(text, "attention_http_request_duration_seconds_count", **labels) == 5
+    total = metric(text, "attention_http_request_duration_seconds_sum", **labels)
+    assert total == pytest.approx(20.0064)
+    requests = "attention_http_requests_total"
+    assert metric(text, requests, **labels, status="200") == 4
+    assert metric(text, requests, **labels, status="422") == 1
+    assert metric(text, "attention_http_request_duration_seconds_created", **labels) > 0
 
 
 async def test_each_request_logs_one_json_line_with_its_id():
