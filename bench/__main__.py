@@ -318,7 +318,7 @@ def long_input(url: str, pid: int) -> float:
     curl_seconds(endpoint, body)
     growth = proc_status_bytes(pid, "VmHWM") - before
     baseline()
-    ours, baseline_time = interleaved_medians(lambda: curl_seconds(endpoint, body), baseline, 5)
+    ours, baseline_time = interleaved_medians(lambda: curl_seconds(endpoint, body), baseline, 7)
     ratio = report(
         "long input, no weights (T=4096)",
         ours * 1e3,

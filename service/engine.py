@@ -26,6 +26,7 @@ from attention import (
     tokenize,
 )
 from attention.parameters import Parameters, parameter_shapes
+from service import parsing
 from service.json_parts import dumps_or_parts
 from service.parsing import body_error
 from service.schemas import EMBEDDINGS_PARAMETERS, TEXT_PARAMETERS, RequestBase
@@ -69,9 +70,10 @@ class Engine:
 
     def warm_up(self) -> None:
         """Load the encoding and the default embedding tables, and compile the small path's
-        kernels, before the first request."""
+        kernels and the parser's bracket count, before the first request."""
         gpt2_encoding()
         kernels.warm_up()
+        parsing.warm_up()
         defaults = RequestBase.model_fields
         self.tables.tables(
             defaults["embedding_dim"].default,

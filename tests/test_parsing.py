@@ -6,7 +6,15 @@ import numpy as np
 import orjson
 import pytest
 
-from service.parsing import SMALL_BODY_BYTES, NotFast, careful_values, fast_values, small_values
+from service.parsing import (
+    OPEN,
+    SMALL_BODY_BYTES,
+    NotFast,
+    careful_values,
+    count_byte,
+    fast_values,
+    small_values,
+)
 
 
 @pytest.mark.parametrize("case", range(100))
@@ -65,7 +73,21 @@ def test_fast_decoders_decline_what_they_could_misread(body):
     with pytest.raises(NotFast):
         fast_values(body)
     with pytest.raises(NotFast):
+        fast_values(bytearray(body))  # as a large body arrives
+    with pytest.raises(NotFast):
         small_values(body)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_the_compiled_bracket_count_counts_as_python_does(kind):
+    rng = np.random.default_rng(0)
+    # Bytes drawn mostly from JSON's own characters, so that `[` is common and at the edges.
+    alphabet = np.frombuffer(b"[[]],0123456789.e-", np.uint8)
+    for size in (0, 1, 2, 31, 32, 33, 1000, 100_003):
+        body = kind(rng.choice(alphabet, size).tobytes())
+        assert count_byte(np.frombuffer(body, np.uint8), OPEN) == body.count(b"[")
+    everything = kind(bytes(range(256)) * 3)
+    assert count_byte(np.frombuffer(everything, np.uint8), OPEN) == 3
 
 
 @pytest.mark.parametrize(
