@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     # Execution.
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
     log_level: str = Field("info", description="level of the service's JSON logs")
-    access_log: bool = Field(True, description="one JSON log line per request")
+    access_log: bool = Field(
+        True, description="one JSON log line per request, written in batches within 50 ms"
+    )
     inline_work_limit: int = Field(
         200_000,
         ge=0,

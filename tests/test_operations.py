@@ -13,7 +13,13 @@ import pytest
 from prometheus_client import generate_latest
 
 from service.main import create_app
-from service.observability import JsonFormatter, Metrics, json_handler_alone, log_request
+from service.observability import (
+    ACCESS_LOG_FLUSH_SECONDS,
+    JsonFormatter,
+    Metrics,
+    json_handler_alone,
+    log_request,
+)
 from service.settings import Settings
 from tests.conftest import BOOK, make_client
 
@@ -122,7 +128,7 @@ async def test_the_access_line_written_directly_is_the_one_logging_would_write(m
             json={"embeddings": [[1.0, 2.0]]},
             headers={"X-Request-ID": "direct-1"},
         )
-        await asyncio.sleep(0)  # the line is written at the end of the loop's turn
+        await asyncio.sleep(2 * ACCESS_LOG_FLUSH_SECONDS)  # the line waits for the next flush
     (line,) = direct.getvalue().splitlines()
     written = json.loads(line)
 
@@ -148,7 +154,8 @@ async def test_the_access_line_written_directly_is_the_one_logging_would_write(m
     assert list(json.loads(JsonFormatter().format(record))) == list(json.loads(line))
 
 
-async def test_the_lines_of_one_loop_turn_are_written_together_in_order(monkeypatch):
+def recording_json_handler(monkeypatch) -> list[str]:
+    """The JSON handler alone on the service's logger, its writes recorded."""
     service_logger = logging.getLogger("service")
     handler = next(handler for handler in service_logger.handlers if handler.is_json)
     monkeypatch.setattr(service_logger, "handlers", [handler])
@@ -163,17 +170,39 @@ async def test_the_lines_of_one_loop_turn_are_written_together_in_order(monkeypa
             pass
 
     monkeypatch.setattr(handler, "stream", Recording())
-    for index in range(3):
-        log_request({"request_id": f"turn-{index}"})
-    assert writes == []  # nothing before the turn ends
-    await asyncio.sleep(0)
+    return writes
 
-    (text,) = writes
-    assert [json.loads(line)["request_id"] for line in text.splitlines()] == [
-        "turn-0",
-        "turn-1",
-        "turn-2",
-    ]
+
+def request_ids(writes: list[str]) -> list[list[str]]:
+    return [[json.loads(line)["request_id"] for line in text.splitlines()] for text in writes]
+
+
+async def test_the_lines_of_one_interval_are_written_together_in_order(monkeypatch):
+    writes = recording_json_handler(monkeypatch)
+    for index in range(3):
+        log_request({"request_id": f"line-{index}"})
+        await asyncio.sleep(0)  # each on its own turn of the loop
+    assert writes == []  # nothing before the interval ends
+    await asyncio.sleep(2 * ACCESS_LOG_FLUSH_SECONDS)
+
+    assert request_ids(writes) == [["line-0", "line-1", "line-2"]]
+    log_request({"request_id": "line-3"})  # a new interval, a new write
+    await asyncio.sleep(2 * ACCESS_LOG_FLUSH_SECONDS)
+    assert request_ids(writes) == [["line-0", "line-1", "line-2"], ["line-3"]]
+
+
+async def test_a_line_left_by_a_closed_loop_is_written_by_the_next_flush(monkeypatch):
+    writes = recording_json_handler(monkeypatch)
+
+    async def log_and_close() -> None:
+        log_request({"request_id": "from-a-closed-loop"})  # its loop ends before the flush
+
+    await asyncio.to_thread(asyncio.run, log_and_close())
+    assert writes == []
+    log_request({"request_id": "from-this-loop"})
+    await asyncio.sleep(2 * ACCESS_LOG_FLUSH_SECONDS)
+
+    assert request_ids(writes) == [["from-a-closed-loop", "from-this-loop"]]
 
 
 async def test_a_broken_log_stream_never_fails_the_request(monkeypatch):
@@ -193,7 +222,7 @@ async def test_a_broken_log_stream_never_fails_the_request(monkeypatch):
     monkeypatch.setattr(logging, "raiseExceptions", False)  # as logging reports in production
     async with make_client(Settings()) as client:
         response = await client.post("/attention/simplified", json={"embeddings": [[1.0, 2.0]]})
-        await asyncio.sleep(0)  # the line's write, and its failure, come at the end of the turn
+        await asyncio.sleep(2 * ACCESS_LOG_FLUSH_SECONDS)  # the line's write, and its failure
 
     assert response.status_code == 200
     assert response.json()["context_vectors"] == [[1.0, 2.0]]
