@@ -135,11 +135,11 @@ atexit.register(write_waiting_lines)
 
 def write_lines(lines: list[tuple[logging.StreamHandler, float, dict[str, Any]]]) -> None:
     for handler in {id(handler): handler for handler, _, _ in lines}.values():
-        line = handler.formatter.line  # type: ignore[union-attr]
+        formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
         name, terminator = access_log.name, handler.terminator
         text = "".join(
             [
-                line(created, "info", name, "request", fields) + terminator
+                formatter.line(created, "info", name, "request", fields) + terminator
                 for line_handler, created, fields in lines
                 if line_handler is handler
             ]
