@@ -1,4 +1,5 @@
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,11 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://testserver"
     )
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a Prometheus exposition (0 when absent), by name and all labels."""
+    wanted = re.escape(",".join(f'{key}="{value}"' for key, value in labels.items()))
+    pattern = rf"^{name}\{{{wanted}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

@@ -21,7 +21,7 @@ from service.observability import (
     log_request,
 )
 from service.settings import Settings
-from tests.conftest import BOOK, make_client
+from tests.conftest import BOOK, make_client, metric
 
 BOOK_REQUEST = {"embeddings": BOOK["inputs"], "d_out": 2, "seed": 789}
 
@@ -36,13 +36,6 @@ async def test_a_request_id_is_echoed_when_given_and_made_when_not(client):
     assert given.headers["x-request-id"] == "trace-42"
     assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
     assert re.fullmatch(r"[0-9a-f]{32}", unprintable.headers["x-request-id"])
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = re.escape(",".join(f'{key}="{value}"' for key, value in labels.items()))
-    pattern = rf"^{name}\{{{wanted}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 async def test_metrics_count_requests_by_route_and_status_and_tokens_by_variant():
