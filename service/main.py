@@ -2,6 +2,7 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -47,10 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.state.compute_slots = ComputeSlots(
-        settings.max_concurrent_computations, settings.max_queued_computations
+    # A plain namespace rather than Starlette's State, which answers each attribute in its
+    # __getattr__ after a failed lookup (~0.7 us): every computation reads two of them.
+    app.state = SimpleNamespace(
+        engine=engine,
+        metrics=metrics,
+        compute_slots=ComputeSlots(
+            settings.max_concurrent_computations, settings.max_queued_computations
+        ),
     )
     errors.install(app)
     app.include_router(compare.router)  # before the attention router's catch-all 404
