@@ -4,7 +4,7 @@ The service's routes, `GET /attention`, the OpenAPI examples and the tests all r
 """
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 from torch import nn
@@ -43,6 +43,15 @@ class AttentionConfig:
     qkv_bias: bool = False
     implementation: str | None = None
 
+    def __post_init__(self) -> None:
+        # Configurations key the cache of seeded modules, hashed twice per request, and the
+        # service makes each one once (service.engine.attention_config): its hash is kept
+        # rather than built from every field on each call.
+        object.__setattr__(self, "_hash", hash(astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def head_dim(self) -> int:
         """Width of one head's queries, keys and values."""
@@ -67,7 +76,10 @@ class AttentionConfig:
 Builder = Callable[[AttentionConfig, torch.Generator], nn.Module]
 
 
-@dataclass(frozen=True)
+# eq=False: each variant is one object of the registry, compared and hashed by identity. Lookups
+# keyed by a variant (its request model, its fields) run on every request, and a dataclass's
+# hash is a Python call hashing every field, its long description included.
+@dataclass(frozen=True, eq=False)
 class Variant:
     name: str
     description: str
