@@ -193,3 +193,22 @@ def test_the_numpy_weights_are_copied_once_per_cached_module():
 
     assert first is not None
     assert runner.seeded(variant, cfg).numpy_weights is first
+
+
+def test_equal_configurations_share_a_seeded_module_and_others_do_not():
+    """The module cache's key: configurations made apart but equal find one module (their kept
+    hashes agree); a different seed or width is another module."""
+    variant = VARIANTS["self-attention"]
+    runner = AttentionRunner()
+    first = runner.seeded(variant, AttentionConfig(d_in=3, d_out=2, seed=789, implementation="v2"))
+
+    assert runner.seeded(variant, AttentionConfig(3, 2, 1, 789, 0.0, False, "v2")) is first
+    assert (
+        runner.seeded(variant, AttentionConfig(d_in=3, d_out=2, seed=790, implementation="v2"))
+        is not first
+    )
+    assert (
+        runner.seeded(variant, AttentionConfig(d_in=3, d_out=3, seed=789, implementation="v2"))
+        is not first
+    )
+    assert hash(AttentionConfig(3, 2, seed=1)) != hash(AttentionConfig(3, 2, seed=2))
