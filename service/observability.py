@@ -25,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.settings import ACCESS_LOG_FLUSH_SECONDS
+
 REQUEST_ID_HEADER = b"x-request-id"
 # A caller's id is echoed only when it is short and printable: it goes into logs and headers.
 VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
@@ -76,10 +78,6 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level.upper())
-
-
-# Access lines wait at most this long to be written, in one batch per interval.
-ACCESS_LOG_FLUSH_SECONDS = 0.05
 
 
 def log_request(fields: dict[str, Any]) -> None:

@@ -5,6 +5,10 @@ from functools import cache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Access lines wait at most this long to be written, in one batch per interval (see
+# service.observability.log_request).
+ACCESS_LOG_FLUSH_SECONDS = 0.05
+
 MIB = 2**20
 
 
@@ -50,7 +54,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
     log_level: str = Field("info", description="level of the service's JSON logs")
     access_log: bool = Field(
-        True, description="one JSON log line per request, written in batches within 50 ms"
+        True,
+        description="one JSON log line per request, written in batches within "
+        f"{ACCESS_LOG_FLUSH_SECONDS * 1000:g} ms",
     )
     inline_work_limit: int = Field(
         200_000,

@@ -13,14 +13,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from service.main import create_app
-from service.observability import (
-    ACCESS_LOG_FLUSH_SECONDS,
-    JsonFormatter,
-    Metrics,
-    json_handler_alone,
-    log_request,
-)
-from service.settings import Settings
+from service.observability import JsonFormatter, Metrics, json_handler_alone, log_request
+from service.settings import ACCESS_LOG_FLUSH_SECONDS, Settings
 from tests.conftest import BOOK, make_client, metric
 
 BOOK_REQUEST = {"embeddings": BOOK["inputs"], "d_out": 2, "seed": 789}
