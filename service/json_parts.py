@@ -60,13 +60,21 @@ def dumps_in_parts(payload: dict[str, Any]) -> Iterator[bytes]:
 
 
 def array_parts(array: np.ndarray) -> Iterator[bytes]:
-    """`orjson.dumps(array)`, a block along the first axis at a time."""
-    rows = len(array)
-    row_floats = max(1, array.size // max(rows, 1))
-    step = max(1, PART_FLOATS // row_floats)
-    if rows <= step:
+    """`orjson.dumps(array)`, a block along the first axis at a time. An entry larger than a
+    part (the one batch entry of a (1, H, T, T) array of weights, say) is itself written in
+    parts, between the brackets and commas that place it."""
+    if array.ndim == 1 or array.size <= PART_FLOATS:
         yield orjson.dumps(array, option=OPTIONS)
         return
+    rows = len(array)
+    row_floats = array.size // rows
+    if row_floats > PART_FLOATS and array.ndim > 2:
+        for index in range(rows):
+            opening = b"[" if index == 0 else b","
+            closing = b"]" if index == rows - 1 else b""
+            yield from enclosed(array_parts(array[index]), opening, closing)
+        return
+    step = max(1, PART_FLOATS // row_floats)
     for start in range(0, rows, step):
         block = orjson.dumps(array[start : start + step], option=OPTIONS)  # (step, ...)
         # `[r1,r2]` + `[r3]` -> `[r1,r2,r3]`: the block's own brackets become the array's or a
@@ -74,3 +82,12 @@ def array_parts(array: np.ndarray) -> Iterator[bytes]:
         opening = b"[" if start == 0 else b","
         closing = b"]" if start + step >= rows else b""
         yield opening + block[1:-1] + closing
+
+
+def enclosed(parts: Iterator[bytes], opening: bytes, closing: bytes) -> Iterator[bytes]:
+    """The parts with `opening` before the first and `closing` after the last."""
+    part = opening + next(parts)
+    for following in parts:
+        yield part
+        part = following
+    yield part + closing
