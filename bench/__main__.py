@@ -87,31 +87,38 @@ def server(app: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, i
             process.wait(timeout=30)
 
 
-def curl_seconds(url: str, body: bytes) -> float:
-    """One POST's total time as curl measures it."""
+@contextmanager
+def body_file(body: bytes) -> Iterator[str]:
+    """The body in a file for curl, written once for all of a case's requests: a 60 MB file
+    written and deleted per request churned the page cache (and the disk) between timings."""
     with tempfile.NamedTemporaryFile(suffix=".json") as file:
         file.write(body)
         file.flush()
-        result = subprocess.run(
-            [
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code} %{time_total}",
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                f"@{file.name}",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        yield file.name
+
+
+def curl_seconds(url: str, path: str) -> float:
+    """One POST of the body in the file at `path`, its total time as curl measures it."""
+    result = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_total}",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            f"@{path}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     status, seconds = result.stdout.split()
     assert status == "200", status
     return float(seconds)
@@ -202,9 +209,10 @@ def large_answer(url: str) -> float:
         )
 
     endpoint = f"{url}/attention/multi-head"
-    curl_seconds(endpoint, body)  # builds and caches the seeded module, as repeat requests find
-    limit()
-    ours, baseline = interleaved_medians(lambda: curl_seconds(endpoint, body), limit, 7)
+    with body_file(body) as path:
+        curl_seconds(endpoint, path)  # builds and caches the seeded module, as repeats find it
+        limit()
+        ours, baseline = interleaved_medians(lambda: curl_seconds(endpoint, path), limit, 15)
     return report(
         "large answer (T=512, 12 heads)",
         ours * 1e3,
@@ -312,13 +320,14 @@ def long_input(url: str, pid: int) -> float:
 
     endpoint = f"{url}/attention/multi-head"
     small = random_body(8, 768, seed=1, num_heads=12, return_weights=False)
-    curl_seconds(endpoint, small)  # the seeded module is built and cached
-    before = proc_status_bytes(pid, "VmRSS")
-    reset_peak_rss(pid)
-    curl_seconds(endpoint, body)
-    growth = proc_status_bytes(pid, "VmHWM") - before
-    baseline()
-    ours, baseline_time = interleaved_medians(lambda: curl_seconds(endpoint, body), baseline, 7)
+    with body_file(small) as small_path, body_file(body) as path:
+        curl_seconds(endpoint, small_path)  # the seeded module is built and cached
+        before = proc_status_bytes(pid, "VmRSS")
+        reset_peak_rss(pid)
+        curl_seconds(endpoint, path)
+        growth = proc_status_bytes(pid, "VmHWM") - before
+        baseline()
+        ours, baseline_time = interleaved_medians(lambda: curl_seconds(endpoint, path), baseline, 9)
     ratio = report(
         "long input, no weights (T=4096)",
         ours * 1e3,
