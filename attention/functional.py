@@ -85,13 +85,23 @@ def attend(
     attn_scores = queries @ keys.transpose(-2, -1)  # (..., T, T)
     if steps is not None:
         steps["attention_scores"] = attn_scores
+    # With no step to keep, the fresh scores are masked and scaled in place, by the kernels that
+    # do it out of place: two fewer T x T tensors to allocate and fill (12.6 MB each for 12 heads
+    # of 512 tokens), pages a server otherwise faults in afresh on many requests.
+    in_place = steps is None
     blocked = blocked_keys(attn_scores.shape, causal=causal, padding=padding)
     if blocked is not None:
-        attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
+        if in_place:
+            attn_scores.masked_fill_(blocked, -torch.inf)
+        else:
+            attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
     if causal and steps is not None:
         steps["mask"] = causal_mask(attn_scores.shape[-1])
     if scaled:
-        attn_scores = attn_scores / keys.shape[-1] ** 0.5
+        if in_place:
+            attn_scores.div_(keys.shape[-1] ** 0.5)
+        else:
+            attn_scores = attn_scores / keys.shape[-1] ** 0.5
         if steps is not None:
             steps["scaled_scores"] = attn_scores
     attn_weights = torch.softmax(attn_scores, dim=-1)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from attention import VARIANTS
-from attention.functional import book_dropout
+from attention.functional import attend, book_dropout
 from tests.book_reference import (
     CausalAttention,
     MultiHeadAttention,
@@ -258,6 +258,30 @@ def test_book_dropout_is_nn_dropout(shape, p, seed):
     expected = nn.Dropout(p)(x)
     actual = book_dropout(x, p, torch.Generator().manual_seed(seed))
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_scores_masked_in_place_give_the_bits_of_the_kept_steps(causal, padded):
+    """Without steps to keep, attend masks and scales its fresh scores in place; with them, out
+    of place. Same kernels, same bits; the inputs and the kept raw scores stay untouched."""
+    generator = torch.Generator().manual_seed(0)
+    queries, keys, values = (torch.randn(2, 3, 9, 4, generator=generator) for _ in range(3))
+    originals = [tensor.clone() for tensor in (queries, keys, values)]
+    padding = torch.tensor([[False] * 9, [False] * 6 + [True] * 3]) if padded else None
+
+    context, weights = attend(queries, keys, values, causal=causal, padding=padding)
+    steps: dict[str, torch.Tensor] = {}
+    kept_context, kept_weights = attend(
+        queries, keys, values, causal=causal, padding=padding, steps=steps
+    )
+
+    assert torch.equal(context, kept_context)
+    assert torch.equal(weights, kept_weights)
+    for tensor, original in zip((queries, keys, values), originals, strict=True):
+        assert torch.equal(tensor, original)
+    raw = np.einsum("bhqd,bhkd->bhqk", queries.numpy(), keys.numpy())
+    np.testing.assert_allclose(steps["attention_scores"].numpy(), raw, rtol=1e-5, atol=1e-5)
 
 
 # --- text input --------------------------------------------------------------------------------
