@@ -233,9 +233,10 @@ def small_answer(url: str, bare_url: str) -> float:
 
     for action in (ours, bare):
         median_seconds(action, 100)  # warm up
-    # Rounds interleaved, so drift on the machine falls on both alike.
+    # Rounds interleaved, so drift on the machine falls on both alike; short ones (~0.1 s each),
+    # so that a burst of load on the host spoils few of them.
     our_times, bare_times = [], []
-    for _ in range(5):
+    for _ in range(11):
         our_times.append(median_seconds(ours, 200))
         bare_times.append(median_seconds(bare, 200))
     our_client.close()
