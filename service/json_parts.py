@@ -1,10 +1,11 @@
 """An answer's JSON in parts, so that a large one is sent while the rest is still being written.
 
-`orjson.dumps` of a 4096 x 768 answer takes ~90 ms and makes one 40 MB bytes object, which the
-server then holds until the last byte is sent. Written a block of rows at a time, the first
-parts are on the wire while the next are serialised, and only a few MB of JSON exist at once.
-The parts join to exactly the bytes `orjson.dumps` writes (tests hold them to it): an array's
-JSON is `[` + its rows' JSON joined by `,` + `]`, whatever the block each row is written in.
+`orjson.dumps` of a 4096 x 768 answer takes ~120-180 ms on a 2-vCPU VM and makes one 37 MB
+bytes object, which the server then holds until the last byte is sent. Written a block of rows
+at a time, the first parts are on the wire while the next are serialised, and only a few MB of
+JSON exist at once. The parts join to exactly the bytes `orjson.dumps` writes (tests hold them
+to it): an array's JSON is `[` + its rows' JSON joined by `,` + `]`, whatever the block each row
+is written in.
 """
 
 import secrets
