@@ -1,7 +1,7 @@
 """Batches with padding: a list of texts, or embeddings with an `attention_mask`.
 
-Each item of a padded batch must come back as the book's class computes that item alone, over
-its real tokens; padded keys get weight 0 from every query, and every number a padded position
+Each item of a padded batch must come back as our reference computes that item alone, over its
+real tokens; padded keys get weight 0 from every query, and every number a padded position
 computes is null.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 from attention import VARIANTS
 from service.settings import Settings
 from tests.conftest import make_client
-from tests.test_reference import Case, book_run, post
+from tests.test_reference import Case, post, reference_run
 from tests.test_steps import torch_multihead_attention
 
 ATOL = 1e-5
@@ -69,9 +69,9 @@ def weights_of(answer: dict[str, Any], item: int, multi_head: bool) -> np.ndarra
 def assert_item_is_alone(
     answer: dict[str, Any], item: int, real: np.ndarray, case: Case, x_alone: torch.Tensor
 ) -> None:
-    """The batch's item `item`, whose real positions are `real` (T booleans), against the book's
-    class run on that item's real rows alone (x_alone: T_real x d_in)."""
-    context, weights = book_run(case, x_alone)  # (T_real, d), (T_real, T_real) or (H, ...)
+    """The batch's item `item`, whose real positions are `real` (T booleans), against our
+    reference run on that item's real rows alone (x_alone: T_real x d_in)."""
+    context, weights = reference_run(case, x_alone)  # (T_real, d), (T_real, T_real) or (H, ...)
     multi_head = VARIANTS[case.variant].multi_head
     batch_context = as_array(answer["context_vectors"])[item]  # (T, d)
     np.testing.assert_allclose(batch_context[real], context.numpy(), rtol=0, atol=ATOL)

@@ -1,10 +1,8 @@
-"""Inputs the book does not print, compared with the book's own classes (tests/book_reference.py).
+"""Inputs the book does not print, compared with our own reference (tests/reference.py).
 
-The reference runs the book's way: `torch.manual_seed(seed)`, the class's constructor, then a
-call in training mode (the book's modules are never put in eval mode), so dropout masks come
-from the global RNG right after the weights. The attention weights of the reference are taken
-from its `nn.Dropout` modules' outputs by a forward hook, or re-derived from its parameters where
-the book's class has no dropout.
+The reference draws the weights as `torch.manual_seed(seed)` and the book's constructor would,
+computes with plain tensor algebra, and draws dropout masks from the global generator right
+after the weights, as the book's modules do in training mode.
 """
 
 from dataclasses import dataclass, field
@@ -17,14 +15,7 @@ from torch import nn
 
 from attention import VARIANTS
 from attention.functional import attend, book_dropout
-from tests.book_reference import (
-    CausalAttention,
-    MultiHeadAttention,
-    MultiHeadAttentionWrapper,
-    SelfAttention_v1,
-    SelfAttention_v2,
-    simplified,
-)
+from tests import reference
 from tests.conftest import BOOK
 
 ATOL = 1e-5
@@ -134,70 +125,27 @@ CASES = [
 ]
 
 
-# --- the reference, run the book's way ---------------------------------------------------------
+# --- the reference ------------------------------------------------------------------------------
 
 
-def book_module(case: Case, d_in: int, num_tokens: int) -> nn.Module:
-    params = case.params
-    d_out = params.get("d_out", d_in)
-    qkv_bias = params.get("qkv_bias", False)
-    dropout = params.get("dropout", 0.0)
-    num_heads = params.get("num_heads", 2)
-    torch.manual_seed(params.get("seed", DEFAULT_SEED))
-    match (case.variant, case.implementation):
-        case ("self-attention", "v1"):
-            return SelfAttention_v1(d_in, d_out)
-        case ("self-attention", "v2"):
-            return SelfAttention_v2(d_in, d_out, qkv_bias)
-        case ("causal", None):
-            return CausalAttention(d_in, d_out, num_tokens, dropout, qkv_bias)
-        case ("multi-head", "fused"):
-            return MultiHeadAttention(d_in, d_out, num_tokens, dropout, num_heads, qkv_bias)
-        case ("multi-head", "wrapper"):
-            return MultiHeadAttentionWrapper(d_in, d_out, num_tokens, dropout, num_heads, qkv_bias)
-    raise AssertionError(f"no book class for {case.variant}/{case.implementation}")
-
-
-def self_attention_weights(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The softmax of SelfAttention_v1/v2's forward, re-derived from its parameters (x: T x d)."""
-    if isinstance(module, SelfAttention_v1):
-        queries, keys = x @ module.W_query, x @ module.W_key
-    else:
-        queries, keys = module.W_query(x), module.W_key(x)
-    return torch.softmax(queries @ keys.T / keys.shape[-1] ** 0.5, dim=-1)
-
-
-def book_run(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context vectors, attention weights) as the book computes them, with x's batch axis."""
+def reference_run(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context vectors, attention weights) from our own reference, with x's batch axis."""
     batched = x.dim() == 3
     items = x if batched else x.unsqueeze(0)
-    _, num_tokens, d_in = items.shape
-    with torch.no_grad():
-        if case.variant == "simplified":  # section 3.3, 2-D only: item by item
-            context = torch.stack([simplified(item) for item in items])
-            weights = torch.stack([torch.softmax(item @ item.T, dim=-1) for item in items])
-        elif case.variant == "self-attention":  # the book's classes are 2-D only
-            module = book_module(case, d_in, num_tokens)
-            context = torch.stack([module(item) for item in items])
-            weights = torch.stack([self_attention_weights(module, item) for item in items])
-        else:
-            module = book_module(case, d_in, num_tokens)
-            captured: list[torch.Tensor] = []
-            dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout)]
-            for dropout in dropouts:  # in call order: one per wrapper head, in head order
-                dropout.register_forward_hook(lambda m, i, output: captured.append(output.clone()))
-            assert module.training, "the book's modules run in training mode"
-            context = module(items)
-            assert len(captured) == len(dropouts)
-            if case.variant == "causal":
-                weights = captured[0]  # (b, T, T)
-            elif case.implementation == "wrapper":
-                weights = torch.stack(captured, dim=1)  # (b, H, T, T)
-            else:
-                weights = captured[0]  # (b, H, T, T)
+    params = case.params
+    config = reference.Config(
+        case.variant,
+        case.implementation,
+        d_out=params.get("d_out"),
+        num_heads=params.get("num_heads", 2),
+        seed=params.get("seed", DEFAULT_SEED),
+        qkv_bias=params.get("qkv_bias", False),
+        dropout=params.get("dropout", 0.0),
+    )
+    result = reference.run(config, items)
     if not batched:
-        context, weights = context[0], weights[0]
-    return context, weights
+        return result.context[0], result.weights[0]
+    return result.context, result.weights
 
 
 async def post(client, variant: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -213,10 +161,10 @@ def assert_close(actual: Any, expected: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-async def test_matches_the_book_class(client, case):
+async def test_matches_the_reference(client, case):
     x = case.inputs()
     body = await post(client, case.variant, case.body(x))
-    context, weights = book_run(case, x)
+    context, weights = reference_run(case, x)
     assert_close(body["context_vectors"], context, "context_vectors")
     assert_close(body["attention_weights"], weights, "attention_weights")
     if case.params.get("dropout", 0.0) > 0:
@@ -309,8 +257,8 @@ async def test_text_input_is_embedded_as_chapter_2_does(client):
         token_embedding = nn.Embedding(50257, 8)
         position_embedding = nn.Embedding(32, 8)
         x = token_embedding(torch.tensor(ids)) + position_embedding(torch.arange(num_tokens))
-        torch.manual_seed(5)
-        expected = CausalAttention(8, 4, 32, 0.0)(x.unsqueeze(0))[0]
+        config = reference.Config("causal", d_out=4, seed=5)
+        expected = reference.run(config, x.unsqueeze(0)).context[0]
     assert expected.shape == (num_tokens, 4)
     assert_close(body["context_vectors"], expected, "context_vectors")
     assert body["config"]["d_in"] == 8

@@ -1,5 +1,5 @@
-"""`include`: every intermediate step, each equal to the same step computed independently from
-the book's classes (tests/book_reference.py), seeded the book's way."""
+"""`include`: every intermediate step, each equal to the same step of our own reference
+(tests/reference.py), seeded the book's way."""
 
 from typing import Any
 
@@ -9,13 +9,7 @@ import torch
 from torch import nn
 
 from attention import STEPS, VARIANTS
-from tests.book_reference import (
-    CausalAttention,
-    MultiHeadAttention,
-    MultiHeadAttentionWrapper,
-    SelfAttention_v1,
-    SelfAttention_v2,
-)
+from tests import reference
 from tests.conftest import BOOK
 
 ATOL = 1e-5
@@ -32,105 +26,12 @@ def inputs(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return layer(x)
-
-
 def expected_steps(
     name: str, implementation: str | None, x: torch.Tensor, d_out: int, qkv_bias: bool
 ) -> dict[str, Any]:
-    """Every step of the book's computation on x (b, T, d_in), dropout 0, with 2 heads."""
-    b, num_tokens, d_in = x.shape
-    torch.manual_seed(SEED)
-    with torch.no_grad():
-        if name == "simplified":
-            return {"attention_scores": x @ x.transpose(1, 2)}
-        if name == "self-attention":
-            if implementation == "v1":
-                module = SelfAttention_v1(d_in, d_out)
-                q, k, v = x @ module.W_query, x @ module.W_key, x @ module.W_value
-                parameters = {n: getattr(module, n) for n in ("W_query", "W_key", "W_value")}
-            else:
-                module = SelfAttention_v2(d_in, d_out, qkv_bias)
-                q, k, v = module.W_query(x), module.W_key(x), module.W_value(x)
-                parameters = linear_parameters(module)
-            scores = q @ k.transpose(1, 2)
-            return {
-                "queries": q,
-                "keys": k,
-                "values": v,
-                "attention_scores": scores,
-                "scaled_scores": scores / k.shape[-1] ** 0.5,
-                "parameters": parameters,
-            }
-        if name == "causal":
-            return causal_steps(CausalAttention(d_in, d_out, num_tokens, 0.0, qkv_bias), x)
-        if implementation == "wrapper":
-            module = MultiHeadAttentionWrapper(d_in, d_out, num_tokens, 0.0, 2, qkv_bias)
-            heads = [causal_steps(head, x) for head in module.heads]
-            steps = {
-                step: torch.stack([head[step] for head in heads], dim=1)
-                for step in heads[0]
-                if step not in ("mask", "parameters")
-            }
-            steps["head_outputs"] = torch.stack(
-                [head["weights_before_dropout"] @ head["values"] for head in heads], dim=1
-            )
-            steps["mask"] = heads[0]["mask"]
-            steps["parameters"] = {"heads": [head["parameters"] for head in heads]}
-            return steps
-        module = MultiHeadAttention(d_in, d_out, num_tokens, 0.0, 2, qkv_bias)
-        split = (b, num_tokens, 2, d_out // 2)
-        q = module.W_query(x).view(split).transpose(1, 2)
-        k = module.W_key(x).view(split).transpose(1, 2)
-        v = module.W_value(x).view(split).transpose(1, 2)
-        steps = masked_steps(q, k, v, module.mask.bool()[:num_tokens, :num_tokens])
-        steps["head_outputs"] = steps["weights_before_dropout"] @ v
-        steps["parameters"] = linear_parameters(module)
-        return steps
-
-
-def linear_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The x @ W convention: nn.Linear holds W transposed."""
-    parameters = {}
-    for attribute, name in (
-        ("W_query", "query"),
-        ("W_key", "key"),
-        ("W_value", "value"),
-        ("out_proj", "out_proj"),
-    ):
-        layer = getattr(module, attribute, None)
-        if layer is not None:
-            parameters[f"W_{name}"] = layer.weight.T
-            if layer.bias is not None:
-                parameters[f"b_{name}"] = layer.bias
-    return parameters
-
-
-def masked_steps(q, k, v, mask) -> dict[str, torch.Tensor]:
-    scores = q @ k.transpose(-2, -1)
-    scaled = scores.masked_fill(mask, -torch.inf) / k.shape[-1] ** 0.5
-    return {
-        "queries": q,
-        "keys": k,
-        "values": v,
-        "attention_scores": scores,
-        "mask": mask,
-        "scaled_scores": scaled,
-        "weights_before_dropout": torch.softmax(scaled, dim=-1),
-    }
-
-
-def causal_steps(module: CausalAttention, x: torch.Tensor) -> dict[str, Any]:
-    num_tokens = x.shape[1]
-    steps = masked_steps(
-        module.W_query(x),
-        module.W_key(x),
-        module.W_value(x),
-        module.mask.bool()[:num_tokens, :num_tokens],
-    )
-    steps["parameters"] = linear_parameters(module)
-    return steps
+    """Every step of our own reference on x (b, T, d_in), dropout 0, with 2 heads."""
+    config = reference.Config(name, implementation, d_out=d_out, seed=SEED, qkv_bias=qkv_bias)
+    return reference.run(config, x).steps
 
 
 def assert_step(answer: dict[str, Any], expected: torch.Tensor, name: str) -> None:
@@ -162,9 +63,7 @@ def assert_parameters(answer: dict[str, Any], expected: dict[str, Any]) -> None:
 @pytest.mark.parametrize("qkv_bias", [False, True])
 @pytest.mark.parametrize("batched", [True, False], ids=["3-D", "2-D"])
 @pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS)
-async def test_every_step_equals_the_books_computation(
-    client, name, implementation, batched, qkv_bias
-):
+async def test_every_step_equals_the_reference(client, name, implementation, batched, qkv_bias):
     variant = VARIANTS[name]
     if qkv_bias and (name == "simplified" or implementation == "v1"):
         pytest.skip("no bias in this class")
