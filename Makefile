@@ -1,5 +1,8 @@
-# Quick start: `make run` serves on 127.0.0.1:8000, `make test` runs every check.
+# Quick start: `make run` serves on 127.0.0.1:8000 (HOST=... PORT=... to change), `make test` runs
+# every check.
 PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
 VENV := .venv
 BIN := $(VENV)/bin
 # torch comes first and pinned, from a CPU wheel index when one is given: a bare `torch` pulls a
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/uvicorn service.main:app --host 127.0.0.1 --port 8000 --no-access-log
+	$(BIN)/uvicorn service.main:app --host $(HOST) --port $(PORT) --no-access-log
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
