@@ -24,25 +24,42 @@ def book_dropout(attn_weights: torch.Tensor, p: float, generator: torch.Generato
     return attn_weights * keep
 
 
-def causal_mask(num_tokens: int) -> torch.Tensor:
-    """(T, T) booleans, True above the diagonal: the future positions a query may not see."""
-    return torch.triu(torch.ones(num_tokens, num_tokens, dtype=torch.bool), diagonal=1)
+def causal_mask(num_tokens: int, window: int | None = None) -> torch.Tensor:
+    """(T, T) booleans, True where query i may not see key j: the future (j > i) and, with a
+    window, the keys too far back (i - j >= window)."""
+    positions = torch.arange(num_tokens)
+    distance = positions[:, None] - positions[None, :]  # (T, T): i - j
+    hidden = distance < 0
+    if window is not None:
+        hidden |= distance >= window
+    return hidden
 
 
 def blocked_keys(
-    scores_shape: torch.Size, *, causal: bool, padding: torch.Tensor | None
+    scores_shape: torch.Size,
+    *,
+    causal: bool,
+    padding: torch.Tensor | None,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Booleans broadcastable to the scores (b, ..., T, T): True where a query may not look.
 
     `padding` (b, T) marks padded positions: their keys are hidden from every query, which the
-    causal mask alone never does.
+    causal mask alone never does. With padding, a `window` counts each item's real tokens, not
+    positions, so that an item's answer is the one it gets alone.
     """
     num_tokens = scores_shape[-1]
-    blocked = causal_mask(num_tokens) if causal else None
-    if padding is not None:
-        middle = [1] * (len(scores_shape) - 3)  # the head axis, if any
-        padded_keys = padding.view(padding.shape[0], *middle, 1, num_tokens)  # (b, 1.., 1, T)
-        blocked = padded_keys if blocked is None else blocked | padded_keys
+    if padding is None:
+        return causal_mask(num_tokens, window) if causal else None
+    batch = padding.shape[0]
+    middle = [1] * (len(scores_shape) - 3)  # the head axis, if any
+    blocked = padding.view(batch, *middle, 1, num_tokens)  # (b, 1.., 1, T): padded keys
+    if causal:
+        blocked = blocked | causal_mask(num_tokens)
+    if window is not None:
+        rank = (~padding).cumsum(dim=-1)  # (b, T): each position's count of real tokens so far
+        too_far = rank[:, :, None] - rank[:, None, :] >= window  # (b, T, T)
+        blocked = blocked | too_far.view(batch, *middle, num_tokens, num_tokens)
     return blocked
 
 
@@ -58,6 +75,7 @@ def attend(
     return_weights: bool = True,
     steps: dict[str, torch.Tensor] | None = None,
     padding: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context vectors (..., T, d_v) and, when asked, the attention weights (..., T, T).
 
@@ -67,16 +85,19 @@ def attend(
     `attention_scores` (raw Q K^T), `mask` (T, T; causal only), `scaled_scores` (what the softmax
     sees: masked with -inf, divided by sqrt(d_k)), `weights_before_dropout` (causal only).
     `padding` (b, T), True at padded positions, hides those keys from every query; the rows of
-    padded queries are computed like any other and left to the caller to discard.
+    padded queries are computed like any other and left to the caller to discard. A causal
+    `window` also hides the keys `window` or more tokens back (sliding-window attention).
     """
+    if window is not None and window >= keys.shape[-2]:
+        window = None  # no key is that far back: plain causal attention, to the bit
     if not return_weights and dropout == 0.0 and steps is None:
         scale = None if scaled else 1.0
-        if padding is None:
+        if padding is None and window is None:
             return F.scaled_dot_product_attention(
                 queries, keys, values, is_causal=causal, scale=scale
             ), None
         shape = (*queries.shape[:-1], keys.shape[-2])  # (b, ..., T, T)
-        allowed = ~blocked_keys(shape, causal=causal, padding=padding)
+        allowed = ~blocked_keys(shape, causal=causal, padding=padding, window=window)
         context_vec = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=allowed, scale=scale
         )
@@ -89,14 +110,14 @@ def attend(
     # do it out of place: two fewer T x T tensors to allocate and fill (12.6 MB each for 12 heads
     # of 512 tokens), pages a server otherwise faults in afresh on many requests.
     in_place = steps is None
-    blocked = blocked_keys(attn_scores.shape, causal=causal, padding=padding)
+    blocked = blocked_keys(attn_scores.shape, causal=causal, padding=padding, window=window)
     if blocked is not None:
         if in_place:
             attn_scores.masked_fill_(blocked, -torch.inf)
         else:
             attn_scores = attn_scores.masked_fill(blocked, -torch.inf)
     if causal and steps is not None:
-        steps["mask"] = causal_mask(attn_scores.shape[-1])
+        steps["mask"] = causal_mask(attn_scores.shape[-1], window)
     if scaled:
         if in_place:
             attn_scores.div_(keys.shape[-1] ** 0.5)

@@ -1,9 +1,11 @@
 """A module's weights by name, in the `x @ W` convention, out and back in.
 
 Every matrix is shaped (d_in, d_out) as section 3.4.1 writes it (`keys = x @ W_key`): an
-`nn.Linear` holds the transpose, so its `weight.T` goes out and comes back transposed. Biases are
-`b_query`, `b_key`, `b_value` (with `qkv_bias`) and `b_out_proj`; `W_out_proj` is the fused
-multi-head class's output projection. The wrapper's heads each have their own set, under `heads`.
+`nn.Linear` holds the transpose, so its `weight.T` goes out and comes back transposed. A layer
+`W_<name>` gives `W_<name>` and its bias `b_<name>` (`b_query`, `b_key`, `b_value` with
+`qkv_bias`); `out_proj`, the multi-head classes' output projection, gives `W_out_proj` and
+`b_out_proj`. A class lists its layers in `projection_names` when they are not the usual four.
+The wrapper's heads each have their own set, under `heads`.
 """
 
 import copy
@@ -13,7 +15,9 @@ from torch import nn
 
 from attention.variants import MultiHeadAttentionWrapper
 
-PROJECTIONS = ("query", "key", "value", "out_proj")
+# The layers of chapter 3's classes, in the order the answers list them; those a class lacks
+# are skipped.
+PROJECTIONS = ("W_query", "W_key", "W_value", "out_proj")
 
 # name -> tensor (x @ W convention); the wrapper's are {"heads": [one such dict per head]}.
 Parameters = dict[str, object]
@@ -24,16 +28,26 @@ def named_parameters(module: nn.Module) -> Parameters:
     if isinstance(module, MultiHeadAttentionWrapper):
         return {"heads": [named_parameters(head) for head in module.heads]}
     named: Parameters = {}
-    for projection in PROJECTIONS:
-        attribute = "out_proj" if projection == "out_proj" else f"W_{projection}"
+    for attribute in projection_names(module):
         layer = getattr(module, attribute, None)
+        weight, bias = names(attribute)
         if isinstance(layer, nn.Linear):
-            named[f"W_{projection}"] = layer.weight.T  # (d_in, d_out)
+            named[weight] = layer.weight.T  # (d_in, d_out)
             if layer.bias is not None:
-                named[f"b_{projection}"] = layer.bias
+                named[bias] = layer.bias
         elif isinstance(layer, nn.Parameter):  # SelfAttention_v1: already (d_in, d_out)
-            named[f"W_{projection}"] = layer
+            named[weight] = layer
     return named
+
+
+def projection_names(module: nn.Module) -> tuple[str, ...]:
+    return getattr(module, "projection_names", PROJECTIONS)
+
+
+def names(attribute: str) -> tuple[str, str]:
+    """The names of a layer's matrix and bias: W_query -> (W_query, b_query)."""
+    stem = attribute.removeprefix("W_")
+    return f"W_{stem}", f"b_{stem}"
 
 
 def parameter_shapes(module: nn.Module) -> dict[str, object]:
@@ -61,12 +75,12 @@ def load(module: nn.Module, supplied: Parameters) -> None:
             load(head, own)
         return
     with torch.no_grad():
-        for projection in PROJECTIONS:
-            attribute = "out_proj" if projection == "out_proj" else f"W_{projection}"
+        for attribute in projection_names(module):
             layer = getattr(module, attribute, None)
+            weight, bias = names(attribute)
             if isinstance(layer, nn.Linear):
-                layer.weight.copy_(supplied[f"W_{projection}"].T)
+                layer.weight.copy_(supplied[weight].T)
                 if layer.bias is not None:
-                    layer.bias.copy_(supplied[f"b_{projection}"])
+                    layer.bias.copy_(supplied[bias])
             elif isinstance(layer, nn.Parameter):
-                layer.copy_(supplied[f"W_{projection}"])
+                layer.copy_(supplied[weight])

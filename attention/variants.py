@@ -6,6 +6,9 @@ book's constructors do, so `torch.Generator().manual_seed(seed)` reproduces
 `torch.manual_seed(seed); BookClass(...)`. Dropout masks come from the generator passed to
 `forward`, continuing the same stream. A `padding` (b, num_tokens) of booleans, True at padded
 positions of a batch, hides those keys from every query (see `functional.attend`).
+
+Every class with trainable keys and values says what one layer's KV cache would hold for its
+configuration: `kv_cache(num_tokens)` -> (values per token, tokens kept).
 """
 
 import torch
@@ -56,6 +59,9 @@ class SelfAttention_v1(nn.Module):  # the book's name
         self.W_key = seeded_rand_parameter(d_in, d_out, generator=generator)
         self.W_value = seeded_rand_parameter(d_in, d_out, generator=generator)
 
+    def kv_cache(self, num_tokens: int) -> tuple[int, int]:
+        return 2 * self.W_key.shape[1], num_tokens
+
     def forward(
         self,
         x: torch.Tensor,
@@ -90,6 +96,9 @@ class SelfAttention_v2(nn.Module):  # the book's name
         self.W_query = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.W_key = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
+
+    def kv_cache(self, num_tokens: int) -> tuple[int, int]:
+        return 2 * self.W_key.out_features, num_tokens
 
     def forward(
         self,
@@ -132,6 +141,9 @@ class CausalAttention(nn.Module):
         self.W_key = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.dropout = dropout
+
+    def kv_cache(self, num_tokens: int) -> tuple[int, int]:
+        return 2 * self.W_key.out_features, num_tokens
 
     def forward(
         self,
@@ -178,6 +190,10 @@ class MultiHeadAttentionWrapper(nn.Module):
             for _ in range(num_heads)
         )
 
+    def kv_cache(self, num_tokens: int) -> tuple[int, int]:
+        """Every head keeps its own keys and values."""
+        return sum(head.kv_cache(num_tokens)[0] for head in self.heads), num_tokens
+
     def forward(
         self,
         x: torch.Tensor,
@@ -206,7 +222,61 @@ class MultiHeadAttentionWrapper(nn.Module):
         return context_vec, torch.stack([weights for _, weights in outputs], dim=1)  # (b, H, T, T)
 
 
-class MultiHeadAttention(nn.Module):
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(b, T, num_heads x width) -> (b, num_heads, T, width)."""
+    b, num_tokens, width = t.shape
+    return t.view(b, num_tokens, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(b, num_heads, T, width) -> (b, T, num_heads x width)."""
+    b, num_heads, num_tokens, width = t.shape
+    return t.transpose(1, 2).reshape(b, num_tokens, num_heads * width)
+
+
+class SplitHeadsAttention(nn.Module):
+    """Causal attention over heads that split d_out, their outputs merged by `out_proj`: section
+    3.6.2's shape, which the bonus material's classes keep. A subclass makes each head's
+    queries, keys and values (`heads`), and may set a sliding `window_size`."""
+
+    window_size: int | None = None
+    num_heads: int
+    dropout: float
+    out_proj: nn.Linear
+
+    def heads(self, x: torch.Tensor, steps: Steps | None) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values, each (b, H, T, head_dim); a subclass records its own
+        intermediate steps."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        return_weights: bool = True,
+        steps: Steps | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> Output:
+        queries, keys, values = self.heads(x, steps)  # (b, H, T, head_dim) each
+        record(steps, queries=queries, keys=keys, values=values)
+        context_vec, attn_weights = attend(
+            queries,
+            keys,
+            values,
+            causal=True,
+            dropout=self.dropout,
+            generator=generator,
+            return_weights=return_weights,
+            steps=steps,
+            padding=padding,
+            window=self.window_size,
+        )  # (b, H, T, head_dim), (b, H, T, T)
+        record(steps, head_outputs=context_vec)
+        return self.out_proj(merge_heads(context_vec)), attn_weights  # (b, T, d_out)
+
+
+class MultiHeadAttention(SplitHeadsAttention):
     """Section 3.6.2: one set of projections split into heads, recombined by `out_proj`."""
 
     def __init__(
@@ -224,46 +294,17 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("d_out must be divisible by num_heads")
         self.d_out = d_out
         self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
         self.W_query = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.W_key = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.W_value = seeded_linear(d_in, d_out, bias=qkv_bias, generator=generator)
         self.out_proj = seeded_linear(d_out, d_out, bias=True, generator=generator)
         self.dropout = dropout
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        return_weights: bool = True,
-        steps: Steps | None = None,
-        padding: torch.Tensor | None = None,
-    ) -> Output:
-        b, num_tokens, _ = x.shape
-        keys = self.W_key(x)  # (b, T, d_out)
-        queries = self.W_query(x)
-        values = self.W_value(x)
+    def kv_cache(self, num_tokens: int) -> tuple[int, int]:
+        return 2 * self.d_out, num_tokens
 
-        split = (b, num_tokens, self.num_heads, self.head_dim)
-        keys = keys.view(split).transpose(1, 2)  # (b, H, T, head_dim)
-        queries = queries.view(split).transpose(1, 2)
-        values = values.view(split).transpose(1, 2)
-        record(steps, queries=queries, keys=keys, values=values)
-
-        context_vec, attn_weights = attend(
-            queries,
-            keys,
-            values,
-            causal=True,
-            dropout=self.dropout,
-            generator=generator,
-            return_weights=return_weights,
-            steps=steps,
-            padding=padding,
-        )  # (b, H, T, head_dim), (b, H, T, T)
-        record(steps, head_outputs=context_vec)
-        context_vec = context_vec.transpose(1, 2).reshape(
-            b, num_tokens, self.d_out
-        )  # (b, T, d_out)
-        return self.out_proj(context_vec), attn_weights
+    def heads(self, x: torch.Tensor, steps: Steps | None) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            split_heads(layer(x), self.num_heads)  # (b, T, d_out) -> (b, H, T, head_dim)
+            for layer in (self.W_query, self.W_key, self.W_value)
+        )
