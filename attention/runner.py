@@ -99,7 +99,8 @@ class AttentionRunner:
         seeded = self.seeded(variant, config)
         work = config.multiply_adds(inputs.shape[0], inputs.shape[1])
         if (
-            config.dropout == 0
+            variant.small_path
+            and config.dropout == 0
             and padding is None  # padding is masked by torch alone
             and work <= small.SMALL_WORK_LIMIT
         ):
@@ -170,6 +171,9 @@ class AttentionRunner:
 # The masked steps already say -inf (scaled_scores) or 0 (weights) in padded key columns.
 PADDED_STEP_AXES = {
     "queries": "rows",
+    "group_keys": "rows",
+    "group_values": "rows",
+    "latent": "rows",
     "keys": "rows",
     "values": "rows",
     "head_outputs": "rows",

@@ -162,6 +162,9 @@ class Engine:
         )
         if "d_out" in variant.parameters:  # otherwise d_out is d_in, checked above
             limits.at_most(("d_out",), "d_out", config.d_out, "max_dim")
+        for option in variant.options:
+            if option.is_width:
+                limits.at_most((option.name,), option.name, config.option(option.name), "max_dim")
         limits.at_most(("num_heads",), "num_heads", config.num_heads, "max_heads")
         if config.output_dim != config.d_out:
             limits.at_most(
@@ -183,7 +186,7 @@ class Engine:
         if request.return_weights:
             answer_floats += weights_floats
         if include:
-            answer_floats += self.steps_floats(include, config, batch_size, num_tokens)
+            answer_floats += self.steps_floats(variant, include, config, batch_size, num_tokens)
         limits.at_most((), "numbers in the answer", answer_floats, "max_answer_floats")
         limits.raise_if_any()
         variant.check(config)
@@ -265,24 +268,23 @@ class Engine:
 
     @staticmethod
     def steps_floats(
-        include: tuple[str, ...], config: AttentionConfig, batch_size: int, num_tokens: int
+        variant: Variant,
+        include: tuple[str, ...],
+        config: AttentionConfig,
+        batch_size: int,
+        num_tokens: int,
     ) -> int:
-        """Numbers the steps add to the answer (parameters counted generously)."""
-        heads = config.num_heads
-        square = batch_size * heads * num_tokens * num_tokens
-        per_token = batch_size * num_tokens * heads * config.head_dim
-        sizes = {
-            "queries": per_token,
-            "keys": per_token,
-            "values": per_token,
-            "attention_scores": square,
-            "mask": num_tokens * num_tokens,
-            "scaled_scores": square,
-            "weights_before_dropout": square,
-            "head_outputs": per_token,
-            "parameters": (3 * config.d_in + 4) * config.output_dim + config.d_out**2 + 1,
-        }
-        return sum(sizes[name] for name in include)
+        """Numbers the steps add to the answer (counted generously: every per-token step as
+        wide as the widest)."""
+        square = batch_size * config.num_heads * num_tokens * num_tokens
+        widths = config.widths(variant)
+        per_token = batch_size * num_tokens * max([config.num_heads * config.head_dim, *widths])
+        projections = (3 * config.d_in + 4) * config.output_dim + config.d_out**2 + 1
+        parameters = projections + sum(widths) * (config.d_in + 2 * config.d_out + 3)
+        sizes = {"mask": num_tokens * num_tokens, "parameters": parameters}
+        for name in ("attention_scores", "scaled_scores", "weights_before_dropout"):
+            sizes[name] = square
+        return sum(sizes.get(name, per_token) for name in include)
 
     @staticmethod
     def resolve(variant: Variant, request: RequestBase, d_in: int) -> AttentionConfig:
@@ -290,14 +292,19 @@ class Engine:
         # not take, and model_dump or pydantic's __getattr__ for a missing field costs more than
         # computing the book's example.
         fields = vars(request)
+        d_out = fields.get("d_out") or d_in
         return attention_config(
             d_in,
-            fields.get("d_out") or d_in,
+            d_out,
             fields.get("num_heads", 1),
             fields.get("seed"),
             fields.get("dropout", 0.0),
             fields.get("qkv_bias", False),
             fields.get("implementation", variant.default_implementation),
+            tuple(
+                (option.name, option.resolve(fields.get(option.name), d_out))
+                for option in variant.options
+            ),
         )
 
     def inputs(self, job: Job) -> np.ndarray | torch.Tensor:
@@ -364,8 +371,26 @@ class Engine:
                 else self.step_output(value, job, batch_axis=name != "mask")
                 for name, value in result.steps.items()
             }
+        kv_cache = self.kv_cache(job)
+        if kv_cache is not None:
+            payload["kv_cache"] = kv_cache
         payload["config"] = self.config_report(job)
         return payload
+
+    def kv_cache(self, job: Job) -> dict[str, int] | None:
+        """What one layer's KV cache holds for this configuration and input: the values per
+        token times the tokens it keeps, over the whole batch (padding included, as a cache of
+        the padded batch would hold it). None for a variant without keys and values of its own."""
+        module, _ = self.runner.module(job.variant, job.config)
+        if not hasattr(module, "kv_cache"):
+            return None
+        values_per_token, tokens = module.kv_cache(job.num_tokens)
+        tokens *= job.batch_size
+        return {
+            "values_per_token": values_per_token,
+            "tokens": tokens,
+            "values": values_per_token * tokens,
+        }
 
     @staticmethod
     def output(tensor: np.ndarray | torch.Tensor, job: Job) -> np.ndarray:
@@ -412,6 +437,7 @@ class Engine:
             "dropout": config.dropout,
             "qkv_bias": config.qkv_bias,
             "implementation": config.implementation,
+            **dict(config.options),
             "book_class": job.variant.book_class(config.implementation),
             "return_weights": request.return_weights,
             "decimals": request.decimals,

@@ -18,10 +18,12 @@ from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """
-The attention mechanisms of chapter 3 of *Build a Large Language Model From Scratch*
-(S. Raschka): simplified self-attention, self-attention with trainable weights, causal
-attention and multi-head attention. POST embeddings or text, get the attention weights and
-context vectors. Each variant's examples reproduce the book's printed numbers.
+The attention mechanisms of *Build a Large Language Model From Scratch* (S. Raschka):
+chapter 3's simplified self-attention, self-attention with trainable weights, causal attention
+and multi-head attention, and the bonus material's grouped-query, sliding-window and latent
+attention. POST embeddings or text, get the attention weights, the context vectors and what a
+KV cache would hold. Each chapter-3 variant's first example reproduces the book's printed
+numbers.
 Try them in the [playground](/): type a sentence, see each head's weights as a heatmap.
 """
 

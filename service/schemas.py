@@ -221,7 +221,12 @@ PARAMETER_FIELDS: dict[str, tuple[Any, Any]] = {
     ),
 }
 
-ALL_PARAMETERS = (*PARAMETER_FIELDS, "implementation")
+# Every variant's parameters: one another variant does not take is named as such in a 422.
+ALL_PARAMETERS = (
+    *PARAMETER_FIELDS,
+    "implementation",
+    *(option.name for variant in VARIANTS.values() for option in variant.options),
+)
 
 
 @cache
@@ -230,6 +235,13 @@ def request_model(variant: Variant) -> type[RequestBase]:
     fields: dict[str, Any] = {
         name: PARAMETER_FIELDS[name] for name in variant.parameters if name in PARAMETER_FIELDS
     }
+    for option in variant.options:
+        fields[option.name] = (
+            int if option.default is not None else int | None,
+            Field(
+                option.default, ge=option.minimum, le=option.maximum, description=option.description
+            ),
+        )
     if "implementation" in variant.parameters:
         choices = variant.implementation_names
         fields["implementation"] = (
@@ -364,6 +376,7 @@ class VariantInfo(BaseModel):
     description: str
     book_section: str
     book_class: str | None
+    causal: bool = Field(description="whether a query sees only itself and earlier tokens")
     parameters: dict[str, ParameterInfo]
     implementations: list[ImplementationInfo]
 
@@ -376,6 +389,7 @@ def variant_info(variant: Variant) -> VariantInfo:
         description=variant.description,
         book_section=variant.book_section,
         book_class=variant.book_class(variant.default_implementation),
+        causal="mask" in variant.steps,
         parameters={
             name: ParameterInfo(default=field.default, description=field.description)
             for name, field in model.model_fields.items()

@@ -37,9 +37,13 @@ class Config:
     seed: int = 123
     qkv_bias: bool = False
     dropout: float = 0.0
+    num_kv_groups: int = 1  # grouped-query
+    window_size: int = 4  # sliding-window
+    latent_dim: int | None = None  # latent; None: max(16, d_out // 8)
 
-    def heads(self) -> int:
-        return self.num_heads if self.variant == "multi-head" else 1
+    @property
+    def multi_head(self) -> bool:
+        return self.variant not in ("simplified", "self-attention", "causal")
 
 
 @dataclass
@@ -85,20 +89,50 @@ def draw(config: Config, d_in: int) -> Parameters:
                     projections(QKV, d_in, d_out, config.qkv_bias) for _ in range(config.num_heads)
                 ]
             }
-        case ("multi-head", _):
+        case ("multi-head", _) | ("sliding-window", _):
             drawn = projections(QKV, d_in, d_out, config.qkv_bias)
+            drawn["W_out_proj"], drawn["b_out_proj"] = linear(d_out, d_out, bias=True)
+            return drawn
+        case ("grouped-query", _):  # keys and values first, each num_kv_groups heads wide
+            group_width = config.num_kv_groups * d_out // config.num_heads
+            drawn = projections(("key", "value"), d_in, group_width, config.qkv_bias)
+            drawn |= projections(("query",), d_in, d_out, config.qkv_bias)
+            drawn["W_out_proj"], _ = linear(d_out, d_out, bias=False)
+            return in_order(drawn, ("query", "key", "value", "out_proj"))
+        case ("latent", _):
+            latent_dim = latent_width(config, d_out)
+            drawn = projections(("query",), d_in, d_out, config.qkv_bias)
+            drawn |= projections(("DKV",), d_in, latent_dim, config.qkv_bias)
+            drawn |= projections(("UK", "UV"), latent_dim, d_out, config.qkv_bias)
             drawn["W_out_proj"], drawn["b_out_proj"] = linear(d_out, d_out, bias=True)
             return drawn
     raise AssertionError(f"no weights for {config}")
 
 
+def latent_width(config: Config, d_out: int) -> int:
+    return config.latent_dim if config.latent_dim is not None else max(16, d_out // 8)
+
+
+def in_order(drawn: Parameters, stems: tuple[str, ...]) -> Parameters:
+    """The weights listed as the answers list them (the draw order may differ)."""
+    return {
+        f"{kind}_{stem}": drawn[f"{kind}_{stem}"]
+        for stem in stems
+        for kind in ("W", "b")
+        if f"{kind}_{stem}" in drawn
+    }
+
+
 # --- the arithmetic ----------------------------------------------------------------------------
 
 
-def causal_hidden(num_tokens: int) -> torch.Tensor:
-    """(T, T): True where key j lies after query i."""
+def causal_hidden(num_tokens: int, window: int | None = None) -> torch.Tensor:
+    """(T, T): True where key j lies after query i or, with a window, i - j >= window."""
     i = torch.arange(num_tokens)
-    return i[None, :] > i[:, None]
+    hidden = i[None, :] > i[:, None]
+    if window is not None:
+        hidden |= i[:, None] - i[None, :] >= window
+    return hidden
 
 
 def project(x: torch.Tensor, parameters: Parameters, name: str) -> torch.Tensor:
@@ -164,10 +198,12 @@ def _run(config: Config, x: torch.Tensor, supplied: Parameters | None) -> Result
     drawn = draw(config, x.shape[-1])
     parameters = drawn if supplied is None else supplied
     causal = config.variant != "self-attention"
-    hidden = causal_hidden(num_tokens) if causal else None
+    window = config.window_size if config.variant == "sliding-window" else None
+    hidden = causal_hidden(num_tokens, window) if causal else None
     own_steps = ["queries", "keys", "values", "attention_scores", "scaled_scores"]
     if causal:
         own_steps += ["mask", "weights_before_dropout"]
+    extra: dict[str, torch.Tensor] = {}
 
     if config.implementation == "wrapper":  # heads in order: each draws its dropout in turn
         per_head = []
@@ -182,16 +218,30 @@ def _run(config: Config, x: torch.Tensor, supplied: Parameters | None) -> Result
         }
         steps["mask"] = hidden
         context = merge_heads(head_outputs)  # (b, T, H * d_out)
-    elif config.variant == "multi-head":
-        q, k, v = (split_heads(project(x, parameters, name), config.num_heads) for name in QKV)
+    elif config.multi_head:
+        heads = config.num_heads
+        q = split_heads(project(x, parameters, "query"), heads)
+        if config.variant == "grouped-query":
+            group_keys = split_heads(project(x, parameters, "key"), config.num_kv_groups)
+            group_values = split_heads(project(x, parameters, "value"), config.num_kv_groups)
+            group_of_head = torch.arange(heads) // (heads // config.num_kv_groups)
+            k, v = group_keys[:, group_of_head], group_values[:, group_of_head]
+            extra = {"group_keys": group_keys, "group_values": group_values}
+        elif config.variant == "latent":
+            latent = project(x, parameters, "DKV")  # (b, T, latent_dim)
+            k = split_heads(project(latent, parameters, "UK"), heads)
+            v = split_heads(project(latent, parameters, "UV"), heads)
+            extra = {"latent": latent}
+        else:
+            k, v = (split_heads(project(x, parameters, name), heads) for name in QKV[1:])
         head_outputs, steps = attention(q, k, v, hidden, dropout=config.dropout)
         context = project(merge_heads(head_outputs), parameters, "out_proj")
     else:
         q, k, v = (project(x, parameters, name) for name in QKV)
         context, steps = attention(q, k, v, hidden, dropout=config.dropout)
 
-    chosen = {name: steps[name] for name in own_steps}
-    if config.variant == "multi-head":
+    chosen = {name: steps[name] for name in own_steps} | extra
+    if config.multi_head:
         chosen["head_outputs"] = head_outputs
     chosen["parameters"] = parameters
     return Result(context, steps["weights"], chosen)

@@ -1,4 +1,4 @@
-"""The service's surface as the contract (shared/API.md) describes it: the variant listing,
+"""The service's surface as the contract (docs/api.md) describes it: the variant listing,
 liveness, the offline docs, the OpenAPI document, and the form of a 200 answer."""
 
 import re
@@ -10,35 +10,8 @@ import pytest
 
 from service.main import create_app
 from service.settings import Settings
+from tests.contract import DEFAULTS, IMPLEMENTATIONS, SECTIONS, VARIANTS
 
-VARIANTS = ("simplified", "self-attention", "causal", "multi-head")
-SECTIONS = {"simplified": "3.3", "self-attention": "3.4", "causal": "3.5", "multi-head": "3.6"}
-IMPLEMENTATIONS = {
-    "simplified": [],
-    "self-attention": ["v2", "v1"],
-    "causal": [],
-    "multi-head": ["fused", "wrapper"],
-}
-COMMON_DEFAULTS: dict[str, Any] = {
-    "return_weights": True,
-    "embedding_dim": 256,
-    "context_length": 1024,
-    "embedding_seed": 123,
-}
-WEIGHTED_DEFAULTS: dict[str, Any] = {"d_out": None, "seed": 123, "qkv_bias": False}
-# The parameters each variant takes (beyond the input), with their defaults from API.md.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "simplified": COMMON_DEFAULTS,
-    "self-attention": {**COMMON_DEFAULTS, **WEIGHTED_DEFAULTS, "implementation": "v2"},
-    "causal": {**COMMON_DEFAULTS, **WEIGHTED_DEFAULTS, "dropout": 0.0},
-    "multi-head": {
-        **COMMON_DEFAULTS,
-        **WEIGHTED_DEFAULTS,
-        "dropout": 0.0,
-        "num_heads": 2,
-        "implementation": "fused",
-    },
-}
 # Fields the service may add beyond API.md, accepted by every variant.
 OPTIONAL_COMMON = {"decimals", "include", "parameters", "attention_mask"}
 INPUTS = {"embeddings", "text"}
@@ -64,7 +37,7 @@ async def openapi(client) -> dict[str, Any]:
 # GET /attention
 
 
-async def test_the_listing_has_the_four_variants_in_book_order(client):
+async def test_the_listing_has_the_variants_in_book_order(client):
     response = await client.get("/attention")
 
     assert response.status_code == 200

@@ -163,7 +163,9 @@ async def test_a_variant_that_cannot_run_is_a_422(client):
 
 
 async def test_the_answer_limit_counts_every_variant_together():
-    """Each variant's answer fits 100 numbers (at most 84 here), all four do not (234)."""
+    """Each variant's answer fits 100 numbers (at most 84 here), all seven do not: 54 for
+    simplified (6 x 6 + 6 x 3), 48 for each single head (36 + 12), 84 for each of the four
+    multi-head variants (72 + 12), 486 in all."""
     async with make_client(Settings(max_answer_floats=100)) as client:
         body = {"embeddings": BOOK["inputs"], "d_out": 2}
         alone = await client.post("/attention/multi-head", json=body)
@@ -172,7 +174,7 @@ async def test_the_answer_limit_counts_every_variant_together():
     assert alone.status_code == 200, alone.text
     assert response.status_code == 422, response.text
     [error] = response.json()["detail"]
-    assert error["msg"].startswith("numbers in the answer (all variants together) = 234 exceeds")
+    assert error["msg"].startswith("numbers in the answer (all variants together) = 486 exceeds")
     assert "ATTENTION_MAX_ANSWER_FLOATS" in error["msg"]
 
 

@@ -11,9 +11,9 @@ from attention import VARIANTS
 from service.engine import Engine
 from service.parsing import parse_request
 from service.settings import Settings
+from tests.contract import CAUSAL
 
 ENGINE = Engine(Settings())
-CAUSAL = {"causal", "multi-head"}
 
 
 @st.composite
@@ -32,11 +32,20 @@ def requests(draw):
     if "num_heads" in variant.parameters:
         fields["num_heads"] = draw(st.integers(1, 4))
     if "d_out" in variant.parameters:
-        heads = fields.get("num_heads", 1) if fields.get("implementation") == "fused" else 1
+        # Every multi-head class but the wrapper splits d_out into its heads.
+        split = "num_heads" in fields and fields.get("implementation") != "wrapper"
+        heads = fields["num_heads"] if split else 1
         fields["d_out"] = heads * draw(st.integers(1, 4))
+    if "num_kv_groups" in variant.parameters:
+        divisors = [g for g in range(1, fields["num_heads"] + 1) if fields["num_heads"] % g == 0]
+        fields["num_kv_groups"] = draw(st.sampled_from(divisors))
+    if "window_size" in variant.parameters:
+        fields["window_size"] = draw(st.integers(1, 10))
+    if "latent_dim" in variant.parameters:
+        fields["latent_dim"] = draw(st.none() | st.integers(1, 8))
     if fields.get("implementation") == "v1":
         fields["qkv_bias"] = False
-    return variant, fields
+    return variant, {name: value for name, value in fields.items() if value is not None}
 
 
 def answer(variant, fields):

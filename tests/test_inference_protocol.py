@@ -13,6 +13,7 @@ from service.examples import BOOK_INPUTS
 from service.main import create_app
 from service.routes import inference_protocol
 from service.settings import Settings
+from tests.contract import MULTI_HEAD
 
 INFER_PATH = "/v2/models/{model_name}/infer"
 CASES = [
@@ -395,7 +396,7 @@ async def test_model_metadata(client, name):
     assert metadata["name"] == name
     assert metadata["platform"] == "pytorch"
     assert metadata["inputs"] == [{"name": "embeddings", "datatype": "FP32", "shape": [-1, -1]}]
-    weights = [-1, -1, -1] if name == "multi-head" else [-1, -1]
+    weights = [-1, -1, -1] if name in MULTI_HEAD else [-1, -1]
     assert metadata["outputs"] == [
         {"name": "attention_weights", "datatype": "FP32", "shape": weights},
         {"name": "context_vectors", "datatype": "FP32", "shape": [-1, -1]},

@@ -30,6 +30,7 @@ def weights_of(name: str, implementation: str | None, qkv_bias: bool, num_heads:
 CASES = [
     (name, implementation, qkv_bias, heads)
     for name, variant in VARIANTS.items()
+    if variant.small_path
     for implementation in variant.implementations
     for qkv_bias in ((False,) if name == "simplified" or implementation == "v1" else (False, True))
     for heads in ((1, 2) if variant.multi_head else (1,))

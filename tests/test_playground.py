@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from service.main import create_app
 from service.routes import playground
 from service.settings import Settings
+from tests.contract import CAUSAL, MULTI_HEAD, WINDOW
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -38,7 +39,6 @@ BOOK_SENTENCE = "Your journey starts with one step"
 BOOK_TOKENS = ["Your", " journey", " starts", " with", " one", " step"]
 # What the heatmap shows for them: spaces made visible.
 BOOK_LABELS = ["Your", "\u2423journey", "\u2423starts", "\u2423with", "\u2423one", "\u2423step"]
-CAUSAL = {"causal", "multi-head"}  # API.md: 3.5 and 3.6 mask the later tokens
 
 MEDIA_TYPES = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
 # An absolute or protocol-relative URL naming a host.
@@ -350,7 +350,7 @@ def test_the_book_sentence_in_every_variant(page, server):
         assert sent["text"] == BOOK_SENTENCE and sent["decimals"] == 4
         answer = httpx.post(f"{server}{variant['path']}", content=body).json()
         weights = answer["attention_weights"]
-        heads = weights if name == "multi-head" else [weights]
+        heads = weights if name in MULTI_HEAD else [weights]
         assert [token["text"] for token in answer["tokens"]] == BOOK_TOKENS
 
         drawn = heatmaps(page)
@@ -365,13 +365,26 @@ def test_the_book_sentence_in_every_variant(page, server):
                 for j, cell in enumerate(row):
                     assert cell["value"] == heads[h][i][j], (name, h, i, j)
                     assert str(cell["value"]) in cell["label"] and cell["title"] == cell["label"]
-                    hidden = name in CAUSAL and j > i
-                    # The causal triangle is blank: masked, no number, no colour.
+                    beyond_window = name == "sliding-window" and i - j >= WINDOW
+                    hidden = name in CAUSAL and (j > i or beyond_window)
+                    # The causal triangle (and what lies beyond a window) is blank: masked, no
+                    # number, no colour.
                     assert cell["masked"] == hidden, (name, h, i, j)
+                    if beyond_window:
+                        assert "beyond the window" in cell["label"]
                     if hidden:
                         assert cell["value"] == 0 and cell["text"] == "" and cell["fill"] == ""
                     else:
                         assert cell["text"] == f"{cell['value']:.2f}" and cell["fill"]
+
+        kv = answer.get("kv_cache")
+        kv_text = page.find_element("id", "kv-cache").text
+        assert page.find_element("id", "kv").is_displayed() == (kv is not None), name
+        if kv is not None:
+            assert kv_text.startswith(
+                f"{kv['values_per_token']} values per token \u00d7 {kv['tokens']} tokens = "
+                f"{kv['values']:,} values"
+            ), (name, kv_text)
 
         tables = page.find_elements("css selector", "#context-tables tbody tr")
         assert len(tables) == T

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from attention import VARIANTS
+from tests import contract
+from tests.contract import CAUSAL, MULTI_HEAD, WINDOW
 
-CAUSAL = {"causal", "multi-head"}  # the variants with the causal mask (sections 3.5, 3.6)
 DROPOUT = {name for name, variant in VARIANTS.items() if "dropout" in variant.parameters}
 
 IMPLEMENTATIONS = [
@@ -52,9 +53,10 @@ async def post(client, variant: str, body: dict[str, Any]) -> dict[str, Any]:
     return response.json()
 
 
-def test_the_registry_has_the_four_variants_of_the_contract():
-    assert list(VARIANTS) == ["simplified", "self-attention", "causal", "multi-head"]
+def test_the_registry_has_the_variants_of_the_contract():
+    assert list(VARIANTS) == list(contract.VARIANTS)
     assert DROPOUT == CAUSAL
+    assert {name for name, variant in VARIANTS.items() if variant.multi_head} == MULTI_HEAD
     assert VARIANTS["self-attention"].implementation_names == ["v2", "v1"]
     assert VARIANTS["multi-head"].implementation_names == ["fused", "wrapper"]
 
@@ -92,9 +94,16 @@ async def test_causal_weights_see_no_future(client, variant, implementation, dro
     upper = weights[..., *np.triu_indices(7, k=1)]
     if variant in CAUSAL:
         assert (upper == 0.0).all(), f"weights above the diagonal: {upper[upper != 0]}"
-        # Below the diagonal, without dropout, every earlier token has some weight.
+        # Below the diagonal, without dropout, every earlier token has some weight (within the
+        # window, for sliding-window attention, and none beyond it).
+        lower = np.tril_indices(7)
+        if variant == "sliding-window":
+            within = lower[0] - lower[1] < WINDOW
+            beyond = weights[..., lower[0][~within], lower[1][~within]]
+            assert (beyond == 0.0).all(), "a key beyond the window got weight"
+            lower = (lower[0][within], lower[1][within])
         if not dropout:
-            assert (weights[..., *np.tril_indices(7)] > 0).all()
+            assert (weights[..., *lower] > 0).all()
     else:
         assert (upper > 0.0).all(), f"{variant} is not causal, yet weights above it are 0"
 
@@ -107,7 +116,7 @@ def expected_shapes(
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(weights shape, context shape) per the contract."""
     *batch, num_tokens, _ = shape
-    weights = (heads, num_tokens, num_tokens) if variant == "multi-head" else (num_tokens,) * 2
+    weights = (heads, num_tokens, num_tokens) if variant in MULTI_HEAD else (num_tokens,) * 2
     width = d_out * heads if implementation == "wrapper" else d_out
     return (*batch, *weights), (*batch, num_tokens, width)
 
@@ -121,7 +130,7 @@ async def test_shapes(client, variant, implementation, shape):
     if variant != "simplified":
         d_out = 6 if shape[-1] != 6 else 9  # differs from d_in, divisible by 3 heads
         params["d_out"] = d_out
-    if variant == "multi-head":
+    if variant in MULTI_HEAD:
         params["num_heads"] = heads
     body = await post(
         client, variant, request(variant, implementation, random_inputs(shape, 3), **params)
@@ -137,7 +146,7 @@ async def test_two_dimensional_input_has_no_batch_axis(client, variant, implemen
     embeddings = random_inputs((4, 6), 4)
     single = await post(client, variant, request(variant, implementation, embeddings))
     batch = await post(client, variant, request(variant, implementation, [embeddings]))
-    heads = (2,) if variant == "multi-head" else ()  # the default num_heads
+    heads = (2,) if variant in MULTI_HEAD else ()  # the default num_heads
     width = 6 * 2 if implementation == "wrapper" else 6
     assert np.asarray(single["attention_weights"]).shape == (*heads, 4, 4)
     assert np.asarray(single["context_vectors"]).shape == (4, width)
@@ -172,13 +181,13 @@ def expected_config(variant: str, d_in: int, sent: dict[str, Any]) -> dict[str, 
     registered = VARIANTS[variant]
     weighted = variant != "simplified"
     d_out = sent.get("d_out", d_in) if weighted else d_in
-    num_heads = sent.get("num_heads", 2) if registered.multi_head else 1
+    num_heads = sent.get("num_heads", 2) if variant in MULTI_HEAD else 1
     implementation = sent.get("implementation", registered.default_implementation)
     return {
         "d_in": d_in,
         "d_out": d_out,
         "num_heads": num_heads,
-        "head_dim": d_out // num_heads if implementation == "fused" else d_out,
+        "head_dim": d_out if implementation == "wrapper" else d_out // num_heads,
         "seed": sent.get("seed", 123) if weighted else None,
         "dropout": sent.get("dropout", 0.0),
         "qkv_bias": sent.get("qkv_bias", False),
@@ -210,8 +219,8 @@ async def test_config_reports_the_parameters_sent(client, variant, implementatio
     config = (await post(client, variant, body))["config"]
     expected = expected_config(variant, 5, {**params, "implementation": implementation})
     assert {key: config[key] for key in expected} == expected
-    if variant == "multi-head":
-        assert config["head_dim"] == (2 if implementation == "fused" else 6)
+    if variant in MULTI_HEAD:
+        assert config["head_dim"] == (6 if implementation == "wrapper" else 2)
 
 
 # --- output options ----------------------------------------------------------------------------

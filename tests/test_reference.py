@@ -45,7 +45,8 @@ class Case:
 def weighted_cases(variant: str, implementation: str | None) -> list[Case]:
     """The cases every variant with trainable weights runs."""
     name = f"{variant}:{implementation}" if implementation else variant
-    d_out = 6 if variant == "multi-head" else 4  # fused: divisible by the 2 default heads
+    multi_head = VARIANTS[variant].multi_head
+    d_out = 6 if multi_head else 4  # split into the 2 default heads
 
     def case(suffix: str, shape: tuple[int, ...], input_seed: int = 0, **params: Any) -> Case:
         return Case(f"{name}-{suffix}", variant, implementation, shape, params, input_seed)
@@ -66,7 +67,7 @@ def weighted_cases(variant: str, implementation: str | None) -> list[Case]:
             case("qkv_bias", (5, 7), 8, d_out=d_out, seed=5, qkv_bias=True),
             case("qkv_bias-batch3", (3, 4, 5), 9, d_out=d_out, seed=6, qkv_bias=True),
         ]
-    if variant in ("causal", "multi-head"):
+    if "dropout" in VARIANTS[variant].parameters:
         cases += [
             case("dropout0.1", (6, 5), 10, d_out=d_out, seed=123, dropout=0.1),
             case("dropout0.5", (6, 5), 11, d_out=d_out, seed=123, dropout=0.5),
@@ -84,8 +85,8 @@ def weighted_cases(variant: str, implementation: str | None) -> list[Case]:
                 qkv_bias=True,
             ),
         ]
-    if variant == "multi-head":
-        heads_d_out = 12 if implementation == "fused" else 3
+    if multi_head:
+        heads_d_out = 3 if implementation == "wrapper" else 12
         cases += [
             case("3heads", (5, 7), 16, d_out=heads_d_out, num_heads=3, seed=2),
             case("4heads", (5, 7), 17, d_out=heads_d_out, num_heads=4, seed=2),
@@ -122,6 +123,69 @@ CASES = [
     *weighted_cases("causal", None),
     *weighted_cases("multi-head", "fused"),
     *weighted_cases("multi-head", "wrapper"),
+    *weighted_cases("grouped-query", None),
+    *weighted_cases("sliding-window", None),
+    *weighted_cases("latent", None),
+    # Each bonus variant's own parameter, at its edges.
+    Case(
+        "grouped-query-groups=heads",
+        "grouped-query",
+        None,
+        (5, 7),
+        {"d_out": 8, "num_heads": 4, "num_kv_groups": 4},
+        30,
+    ),
+    Case(
+        "grouped-query-2of4-bias-dropout",
+        "grouped-query",
+        None,
+        (2, 6, 5),
+        {
+            "d_out": 8,
+            "num_heads": 4,
+            "num_kv_groups": 2,
+            "qkv_bias": True,
+            "dropout": 0.5,
+            "seed": 3,
+        },
+        31,
+    ),
+    Case(
+        "grouped-query-1of3-batch",
+        "grouped-query",
+        None,
+        (3, 5, 4),
+        {"d_out": 6, "num_heads": 3, "num_kv_groups": 1, "seed": 4},
+        32,
+    ),
+    Case("sliding-window-1", "sliding-window", None, (6, 5), {"d_out": 6, "window_size": 1}, 33),
+    Case(
+        "sliding-window-3-batch-bias",
+        "sliding-window",
+        None,
+        (2, 9, 8),
+        {"d_out": 8, "num_heads": 4, "window_size": 3, "qkv_bias": True, "seed": 9},
+        34,
+    ),
+    Case(
+        "sliding-window-2-dropout",
+        "sliding-window",
+        None,
+        (7, 4),
+        {"d_out": 4, "window_size": 2, "dropout": 0.5},
+        35,
+    ),
+    Case("sliding-window-T", "sliding-window", None, (5, 7), {"d_out": 6, "window_size": 5}, 36),
+    Case(
+        "latent-3-bias-dropout",
+        "latent",
+        None,
+        (2, 6, 5),
+        {"d_out": 8, "num_heads": 4, "latent_dim": 3, "qkv_bias": True, "dropout": 0.1, "seed": 1},
+        37,
+    ),
+    Case("latent-default-d_out-200", "latent", None, (4, 10), {"d_out": 200, "num_heads": 4}, 38),
+    Case("latent-1", "latent", None, (5, 7), {"d_out": 6, "latent_dim": 1}, 39),
 ]
 
 
@@ -141,6 +205,9 @@ def reference_run(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         seed=params.get("seed", DEFAULT_SEED),
         qkv_bias=params.get("qkv_bias", False),
         dropout=params.get("dropout", 0.0),
+        num_kv_groups=params.get("num_kv_groups", 1),
+        window_size=params.get("window_size", 4),
+        latent_dim=params.get("latent_dim"),
     )
     result = reference.run(config, items)
     if not batched:

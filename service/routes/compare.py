@@ -1,7 +1,8 @@
 """`POST /attention/compare`: one input, several variants, their answers side by side.
 
-Each variant gets the request's fields that apply to it and no others: `num_heads` goes to
-`multi-head` only, `dropout` to `causal` and `multi-head`, `implementation` to the variant that
+Each variant gets the request's fields that apply to it and no others: `num_heads` goes to the
+multi-head variants only, `dropout` to the causal ones, a variant's own parameter
+(`num_kv_groups`, say) to it alone, `implementation` to the variant that
 has that implementation, `include` as the steps that variant has. Included in the app before the
 attention router, whose `POST /attention/{variant}` answers 404 for unknown names.
 """
@@ -214,7 +215,9 @@ router.add_api_route(
     summary="Several variants on one input, side by side",
     description="One input (embeddings or text) and shared parameters, run through each of "
     "`variants` (default: all). Each variant gets only the fields that apply to it: `num_heads` "
-    "goes to multi-head alone, `dropout` to causal and multi-head, `implementation` to the "
+    "goes to the multi-head variants, `dropout` to the causal ones, "
+    + ", ".join(f"`{o.name}`" for v in VARIANTS.values() for o in v.options)
+    + " to the variant they belong to, `implementation` to the "
     "variant that has it, `include` as the steps the variant has; `parameters` is refused "
     "(weights are shaped per variant). The answers are those of each variant's own endpoint.",
     response_model=CompareResponse,

@@ -572,8 +572,9 @@ router.add_api_route(
     methods=["POST"],
     route_class_override=PathParamsRoute,
     summary="Inference: an attention variant on the `embeddings` tensor",
-    description="The model is the variant (`simplified`, `self-attention`, `causal`, "
-    "`multi-head`). One input, `embeddings`: FP32, shape [T, d_in] or [B, T, d_in], data flat "
+    description="The model is the variant ("
+    + ", ".join(f"`{name}`" for name in VARIANTS)
+    + "). One input, `embeddings`: FP32, shape [T, d_in] or [B, T, d_in], data flat "
     "in row-major order or nested. The variant's parameters (`d_out`, `num_heads`, `seed`, "
     "`qkv_bias`, `dropout`, `implementation`, `return_weights`, `decimals`) go in `parameters`. "
     "`outputs` may name `attention_weights` and/or `context_vectors`; asking for the context "
