@@ -344,12 +344,26 @@
     return /\bcausal\b/i.test(variant.description);
   }
 
-  function heatmap(matrix, labels, caption, causal, tokens) {
+  // Why query i may not see key j, or "" if it may: a later token, or (with a sliding window
+  // of `windowSize` tokens) one too far back.
+  function hiddenBy(causal, windowSize, i, j) {
+    if (!causal) return "";
+    if (j > i) return "a later token";
+    return windowSize && i - j >= windowSize ? "beyond the window" : "";
+  }
+
+  function heatmap(matrix, labels, caption, causal, tokens, windowSize) {
     const T = matrix.length;
     const name = (i) => (tokens ? `${i} ${JSON.stringify(labels[i])}` : String(i));
+    // Drawn blank only when every hidden weight is 0, as the mask makes it (padding aside).
     let masked = causal && T > 1;
     for (let i = 0; i < T && masked; i++) {
-      for (let j = i + 1; j < T; j++) if (matrix[i][j] !== 0) { masked = false; break; }
+      for (let j = 0; j < T; j++) {
+        if (hiddenBy(causal, windowSize, i, j) && matrix[i][j] !== 0 && matrix[i][j] !== null) {
+          masked = false;
+          break;
+        }
+      }
     }
     const table = el("table", {
       className: `heatmap${T > 16 ? " dense" : ""}`, role: "grid", "aria-label": caption,
@@ -361,9 +375,10 @@
     matrix.forEach((row, i) => {
       const tr = el("tr", {}, labelCell("th", labels[i], i, "row"));
       row.forEach((value, j) => {
-        const isMasked = masked && j > i;
+        const reason = masked ? hiddenBy(causal, windowSize, i, j) : "";
+        const isMasked = Boolean(reason);
         const what = `query ${name(i)} \u2192 key ${name(j)}: ${value}`
-          + (isMasked ? " (masked: a later token)" : "");
+          + (isMasked ? ` (masked: ${reason})` : "");
         const td = el("td", {
           tabindex: i === 0 && j === 0 ? "0" : "-1", title: what, "aria-label": what,
           "data-row": i, "data-col": j, "data-value": value, className: isMasked ? "masked" : null,
@@ -409,8 +424,18 @@
       note);
   }
 
+  // "16 values per token x 6 tokens = 96 values": what one layer's cache would hold.
+  function showKvCache(kv) {
+    $("kv").hidden = !kv;
+    if (!kv) return;
+    const bytes = (4 * kv.values).toLocaleString("en");
+    $("kv-cache").textContent = `${kv.values_per_token} values per token \u00d7 ${kv.tokens} `
+      + `tokens = ${kv.values.toLocaleString("en")} values (${bytes} bytes as float32).`;
+  }
+
   function render(answer, variant) {
     const contexts = answer.context_vectors;
+    const windowSize = (answer.config && answer.config.window_size) || null;
     const batched = depth(contexts) === 3;
     const sequences = batched ? contexts : [contexts];
     const weights = answer.attention_weights;
@@ -436,7 +461,8 @@
       heads.forEach((matrix, h) => {
         const caption = depth(seq) === 3 ? `${prefix}head ${h + 1} of ${heads.length}` : `${prefix}weights`;
         const title = caption[0].toUpperCase() + caption.slice(1);
-        heatmaps.push(heatmap(matrix, labels, title, isCausal(variant), Boolean(answer.tokens)));
+        heatmaps.push(
+          heatmap(matrix, labels, title, isCausal(variant), Boolean(answer.tokens), windowSize));
       });
     });
     $("heatmaps").replaceChildren(...heatmaps);
@@ -444,6 +470,7 @@
     $("readout").textContent = "\u00a0";
     $("context-tables").replaceChildren(...tables);
     $("context").hidden = false;
+    showKvCache(answer.kv_cache);
     showAnswer(answer, false);
     return weights ? summary : "no weights asked for";
   }
@@ -507,7 +534,7 @@
     const took = `${Math.round(performance.now() - started)} ms`;
     $("response-title").textContent = `The answer: ${response.status} ${response.statusText}`;
     if (!response.ok || !answer) {
-      for (const section of ["weights", "context", "response"]) $(section).hidden = true;
+      for (const section of ["weights", "context", "kv", "response"]) $(section).hidden = true;
       showErrors(response.status, answer);
       if (answer) showAnswer(answer, true);
       finish(id, "error", `${response.status} ${response.statusText} in ${took}.`);
