@@ -4,13 +4,12 @@ One Engine per app holds what is expensive to make (seeded modules, embedding ta
 GPT-2 encoding is loaded once per process.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import orjson
 import torch
 from fastapi.exceptions import RequestValidationError
 
@@ -27,7 +26,6 @@ from attention import (
 )
 from attention.parameters import Parameters, parameter_shapes
 from service import parsing
-from service.json_parts import dumps_or_parts
 from service.parsing import body_error
 from service.schemas import EMBEDDINGS_PARAMETERS, TEXT_PARAMETERS, RequestBase
 from service.settings import Settings
@@ -322,15 +320,6 @@ class Engine:
                 seed=request.embedding_seed,
             )  # (T_i, d_in)
         return inputs
-
-    def answer(self, job: Job, *, threads: int) -> bytes:
-        """The 200 answer's JSON bytes, serialised straight from numpy arrays."""
-        return orjson.dumps(self.payload(job, threads=threads), option=orjson.OPT_SERIALIZE_NUMPY)
-
-    def answer_or_parts(self, job: Job, *, threads: int) -> bytes | Iterator[bytes]:
-        """`answer`, or for a large answer the same bytes as parts still to be written (see
-        service.json_parts): the computation is done here, the serialising as parts are sent."""
-        return dumps_or_parts(self.payload(job, threads=threads), job.answer_floats)
 
     def payload(self, job: Job, *, threads: int) -> dict[str, Any]:
         """The answer as a dict whose tensors are C-contiguous numpy arrays.

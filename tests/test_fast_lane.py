@@ -114,7 +114,7 @@ async def test_an_unexpected_error_is_a_plain_500_raised_on_to_the_server_as_rou
 
     answers = []
     for app in apps:
-        monkeypatch.setattr(app.state.engine, "answer", broken)
+        monkeypatch.setattr(app.state.engine, "payload", broken)
         async with client_of(app) as client:
             with pytest.raises(RuntimeError, match="a bug"):  # the server logs its traceback
                 await client.post("/attention/simplified", json={"embeddings": BOOK["inputs"]})

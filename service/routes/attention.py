@@ -1,6 +1,7 @@
 """`POST /attention/{variant}` for each variant of the registry, and `GET /attention`."""
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -11,10 +12,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Scope
 
 from attention import VARIANTS, Variant
-from service.concurrency import ComputeSlots
+from service import pipeline
 from service.engine import Engine
 from service.examples import EXAMPLES
+from service.json_parts import dumps_or_parts
 from service.parsing import parse_request
+from service.pipeline import Plan
 from service.schemas import (
     AttentionResponse,
     ErrorMessage,
@@ -23,9 +26,6 @@ from service.schemas import (
     request_model,
     variant_info,
 )
-
-# Bodies above this are decoded on a worker thread: tens of MB of JSON would stall the loop.
-INLINE_BODY_BYTES = 64 * 1024
 
 
 class OwnBodyRoute(APIRoute):
@@ -116,35 +116,22 @@ def body_chunk(message: Message) -> tuple[bytes, bool]:
 def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
     async def compute(request: Request) -> Response:
         engine: Engine = request.app.state.engine
-        slots: ComputeSlots = request.app.state.compute_slots
         body = await read_body(request, engine.settings.max_body_bytes)
-        if len(body) > INLINE_BODY_BYTES:
-            # Tens of MB of JSON would stall the event loop: decode and compute on a worker,
-            # which frees the body once it is decoded (see answer_body).
-            received = [body]
-            del body
-            content = await slots.run(answer_body, engine, variant, received)
-        else:
-            job = engine.prepare(variant, parse_request(body, variant))
-            # Tiny computations cost less than the hop to a thread; large ones must not block
-            # the loop. Text goes to a worker: a new embedding table takes a while to build.
-            if job.tokens is None and job.multiply_adds <= engine.settings.inline_work_limit:
-                content = engine.answer(job, threads=1)
-            else:
-                content = await slots.run(engine.answer_or_parts, job, threads=engine.threads)
+        parse = functools.partial(parse_one, engine, variant)
+        content = await pipeline.run(
+            engine, request.app.state.compute_slots, body, len(body), parse, write_one
+        )
         return answer_response(content)
 
     return compute
 
 
-def answer_body(
-    engine: Engine, variant: Variant, received: list[bytes | bytearray]
-) -> bytes | Iterator[bytes]:
-    """The answer to the one body in `received`, which is taken out of it: once decoded, the
-    body (60 MB of JSON for 4096 x 768 numbers) is freed before the computation, not held by
-    the caller until the answer is ready."""
-    request = parse_request(received.pop(), variant)
-    return engine.answer_or_parts(engine.prepare(variant, request), threads=engine.threads)
+def parse_one(engine: Engine, variant: Variant, body: bytes | bytearray) -> Plan:
+    return Plan([engine.prepare(variant, parse_request(body, variant))])
+
+
+def write_one(plan: Plan, payloads: list[dict[str, Any]]) -> bytes | Iterator[bytes]:
+    return dumps_or_parts(payloads[0], plan.answer_floats)
 
 
 class JSONAnswer(Response):

@@ -7,6 +7,7 @@ has that implementation, `include` as the steps that variant has. Included in th
 attention router, whose `POST /attention/{variant}` answers 404 for unknown names.
 """
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,14 +17,14 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from attention import STEPS, VARIANTS, Variant
-from service.concurrency import ComputeSlots
+from service import pipeline
 from service.engine import Engine, Job, LimitCheck
 from service.examples import BOOK_INPUTS, BOOK_SENTENCE, example
 from service.json_parts import dumps_or_parts
 from service.parsing import NotFast, body_error, careful_values, fast_values
+from service.pipeline import Plan
 from service.routes.attention import (
     ERROR_RESPONSES,
-    INLINE_BODY_BYTES,
     OwnBodyRoute,
     answer_response,
     json_request_body,
@@ -159,50 +160,37 @@ def variant_request(variant: Variant, values: dict[str, Any]) -> Any:
         raise validation_errors(error) from None
 
 
-def compare_answer(engine: Engine, jobs: list[Job], threads: int) -> bytes | Iterator[bytes]:
-    answers = {job.variant.name: engine.payload(job, threads=threads) for job in jobs}
-    return dumps_or_parts({"answers": answers}, sum(job.answer_floats for job in jobs))
-
-
-def prepare_all(engine: Engine, body: bytes | bytearray) -> list[Job]:
+def prepare_all(engine: Engine, body: bytes | bytearray) -> Plan:
     jobs: list[Job] = []
     for variant, request in parse_compare(body):
         # One text, tokenized once for all the variants.
         jobs.append(engine.prepare(variant, request, jobs[0].tokens if jobs else None))
     # Each variant fits the limit on its own; the one answer holds them all.
+    plan = Plan(jobs)
     limits = LimitCheck(engine.settings)
-    total = sum(job.answer_floats for job in jobs)
     limits.at_most(
         (),
         "numbers in the answer (all variants together)",
-        total,
+        plan.answer_floats,
         "max_answer_floats",
         hint="compare fewer variants or a shorter input",
     )
     limits.raise_if_any()
-    return jobs
+    return plan
 
 
-def compare_body(engine: Engine, received: list[bytes | bytearray]) -> bytes | Iterator[bytes]:
-    """As answer_body: the body is taken out of `received` and freed once decoded."""
-    return compare_answer(engine, prepare_all(engine, received.pop()), engine.threads)
+def write_answers(plan: Plan, payloads: list[dict[str, Any]]) -> bytes | Iterator[bytes]:
+    answers = {job.variant.name: payload for job, payload in zip(plan.jobs, payloads, strict=True)}
+    return dumps_or_parts({"answers": answers}, plan.answer_floats)
 
 
 async def compare(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    slots: ComputeSlots = request.app.state.compute_slots
     body = await read_body(request, engine.settings.max_body_bytes)
-    if len(body) > INLINE_BODY_BYTES:
-        received = [body]
-        del body
-        content = await slots.run(compare_body, engine, received)
-    else:
-        jobs = prepare_all(engine, body)
-        small = sum(job.multiply_adds for job in jobs) <= engine.settings.inline_work_limit
-        if small and all(job.tokens is None for job in jobs):
-            content = compare_answer(engine, jobs, threads=1)
-        else:
-            content = await slots.run(compare_answer, engine, jobs, engine.threads)
+    parse = functools.partial(prepare_all, engine)
+    content = await pipeline.run(
+        engine, request.app.state.compute_slots, body, len(body), parse, write_answers
+    )
     return answer_response(content)
 
 

@@ -9,6 +9,7 @@ are the protocol's `{"error": "..."}`: 400 for a request the model cannot run, 4
 unknown model, 413 for a body over its limit, 503 when the service is saturated.
 """
 
+import functools
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -24,13 +25,14 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import Response
 
 from attention import VARIANTS, AttentionInputError, Variant
-from service.concurrency import ComputeSlots, Saturated
-from service.engine import Engine, Job
+from service import pipeline
+from service.concurrency import Saturated
+from service.engine import Engine
 from service.examples import EXAMPLES
 from service.json_parts import dumps_or_parts
 from service.parsing import as_float32, checked_finite, nesting_depth
+from service.pipeline import Plan
 from service.routes.attention import (
-    INLINE_BODY_BYTES,
     answer_response,
     json_request_body,
     read_body,
@@ -282,7 +284,8 @@ async def model_metadata(model_name: ModelName) -> Response:
 
 @dataclass(frozen=True)
 class Inference:
-    job: Job
+    """What the writer needs besides the job: the outputs asked for and the request's id."""
+
     outputs: tuple[str, ...]
     id: str | None
 
@@ -404,7 +407,7 @@ def describe(errors: list[dict[str, Any]]) -> str:
     return "; ".join(messages)
 
 
-def prepare(engine: Engine, variant: Variant, body: bytes | bytearray) -> Inference:
+def prepare(engine: Engine, variant: Variant, body: bytes | bytearray) -> Plan:
     """From the body to a job checked against every limit, or a ProtocolError."""
     try:
         inference = decode(body)
@@ -437,15 +440,15 @@ def prepare(engine: Engine, variant: Variant, body: bytes | bytearray) -> Infere
     except AttentionInputError as error:
         message = f"parameter {error.field!r}: {error}" if error.field else str(error)
         raise ProtocolError(message) from None
-    return Inference(job, outputs, inference.id)
+    return Plan([job], Inference(outputs, inference.id))
 
 
-def answer(engine: Engine, inference: Inference, *, threads: int) -> bytes | Iterator[bytes]:
-    """Compute, then write the protocol's response straight from the numpy arrays (in parts
-    when it is large, as the native answers are: service.json_parts)."""
-    payload = engine.payload(inference.job, threads=threads)
+def write(plan: Plan, payloads: list[dict[str, Any]]) -> bytes | Iterator[bytes]:
+    """The protocol's response, written straight from the numpy arrays (in parts when it is
+    large, as the native answers are: service.json_parts)."""
+    (job,), (payload,), inference = plan.jobs, payloads, plan.extra
     config = {name: value for name, value in payload["config"].items() if value is not None}
-    response: dict[str, Any] = {"model_name": inference.job.variant.name}
+    response: dict[str, Any] = {"model_name": job.variant.name}
     if inference.id is not None:
         response["id"] = inference.id
     response["parameters"] = config
@@ -458,31 +461,17 @@ def answer(engine: Engine, inference: Inference, *, threads: int) -> bytes | Ite
         }
         for name in inference.outputs
     ]
-    return dumps_or_parts(response, inference.job.answer_floats)
-
-
-def prepare_and_answer(
-    engine: Engine, variant: Variant, received: list[bytes | bytearray]
-) -> bytes | Iterator[bytes]:
-    """As the native answer_body: the body is taken out of `received` and freed once decoded."""
-    return answer(engine, prepare(engine, variant, received.pop()), threads=engine.threads)
+    return dumps_or_parts(response, plan.answer_floats)
 
 
 async def infer_content(request: Request, model_name: str) -> bytes | Iterator[bytes]:
     variant = model(model_name)
     engine: Engine = request.app.state.engine
-    slots: ComputeSlots = request.app.state.compute_slots
     body = await read_body(request, engine.settings.max_body_bytes)
-    if len(body) > INLINE_BODY_BYTES:
-        # Tens of MB of JSON would stall the event loop: decode and compute on a worker.
-        received = [body]
-        del body
-        return await slots.run(prepare_and_answer, engine, variant, received)
-    inference = prepare(engine, variant, body)
-    # As the native endpoint: tiny work on the loop, the rest on a bounded worker thread.
-    if inference.job.multiply_adds <= engine.settings.inline_work_limit:
-        return answer(engine, inference, threads=1)
-    return await slots.run(answer, engine, inference, threads=engine.threads)
+    parse = functools.partial(prepare, engine, variant)
+    return await pipeline.run(
+        engine, request.app.state.compute_slots, body, len(body), parse, write
+    )
 
 
 def infer_examples() -> dict[str, dict[str, Any]]:
