@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from attention import AttentionInputError
@@ -54,12 +56,28 @@ async def attention_input_error(request: Request, exc: AttentionInputError) -> R
     return json_response(422, {"detail": [_printable(error)]})
 
 
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's `{"detail"}`, but under `/v2`, where the inference protocol answers every error
+    as `{"error"}` (an unknown path, a wrong method): its clients read nothing else."""
+    path = request.url.path
+    if path == "/v2" or path.startswith("/v2/"):
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"{request.method} {path} is no endpoint of the inference protocol"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{path} does not take {request.method}; it takes {allowed}"
+        return json_response(exc.status_code, {"error": message}, exc.headers)
+    return await http_exception_handler(request, exc)
+
+
 async def saturated(request: Request, exc: Saturated) -> Response:
     request.app.state.metrics.refused.inc()
     return json_response(503, {"detail": str(exc)}, headers={"Retry-After": "1"})
 
 
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(AttentionInputError, attention_input_error)
     app.add_exception_handler(Saturated, saturated)

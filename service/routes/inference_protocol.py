@@ -1,16 +1,21 @@
-"""The Open Inference Protocol (v2, as KServe and Triton speak it), over the same engine.
+"""The Open Inference Protocol over REST: `/v2/...`, as KServe's and Triton's clients call it.
 
-Each variant of the registry is a model. Its one input tensor is `embeddings`: FP32, shape
-`[T, d_in]` or a batch `[B, T, d_in]`, data flat in row-major order or nested to the shape. Its
-outputs are `attention_weights` and `context_vectors`. The variant's parameters (`d_out`,
-`num_heads`, `seed`, ...) come as the request's `parameters`, validated exactly as the native
-`POST /attention/{variant}` validates them, and the numbers are the native endpoint's. Errors
-are the protocol's `{"error": "..."}`: 400 for a request the model cannot run, 404 for an
-unknown model, 413 for a body over its limit, 503 when the service is saturated.
+A thin adapter over `service.protocol` (the models, every check, the answer) and
+`service.pipeline` (where the work runs). Here: the body, in JSON or with Triton's binary tensor
+data extension, and the answer written back in the form the request asked for.
+
+Binary tensor data: a body whose JSON header is `Inference-Header-Content-Length` bytes long,
+followed by the raw tensors of the inputs that say `parameters.binary_data_size`, in input order,
+little-endian and row-major. An answer is binary for the outputs that ask
+(`parameters.binary_data: true`) or for all of them (`parameters.binary_data_output: true`, what
+tritonclient sends when it names no outputs): the JSON header, then each binary output's raw
+bytes, with `Inference-Header-Content-Length` and each output's `binary_data_size`, as Triton
+answers. JSON stays the default when nothing asks.
+
+Every answer under `/v2` that is an error, whatever its cause, is `{"error": "..."}`.
 """
 
 import functools
-import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -19,38 +24,38 @@ import msgspec
 import numpy as np
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, ValidationError
-from starlette.responses import Response
+from pydantic import BaseModel, Field
+from starlette.responses import Response, StreamingResponse
 
-from attention import VARIANTS, AttentionInputError, Variant
-from service import pipeline
+from attention import VARIANTS, Variant
+from service import pipeline, protocol
 from service.concurrency import Saturated
 from service.engine import Engine
 from service.examples import EXAMPLES
 from service.json_parts import dumps_or_parts
-from service.parsing import as_float32, checked_finite, nesting_depth
+from service.parsing import as_float32, nesting_depth
 from service.pipeline import Plan
-from service.routes.attention import (
-    answer_response,
-    json_request_body,
-    read_body,
+from service.protocol import (
+    INPUT,
+    OUTPUTS,
+    Answer,
+    InferenceRequest,
+    InputTensor,
+    ProtocolError,
+    RequestedOutput,
 )
-from service.schemas import (
-    EMBEDDINGS_PARAMETERS,
-    TEXT_PARAMETERS,
-    ParameterInfo,
-    request_model,
-    variant_info,
-)
+from service.routes.attention import answer_response, json_request_body, read_body
+from service.schemas import ParameterInfo, request_model
 
-PLATFORM = "pytorch"
-DATATYPE = "FP32"
-INPUT = "embeddings"
-OUTPUTS = ("attention_weights", "context_vectors")
-# Triton's binary tensor extension: accepted when off, refused when on (JSON data only here).
-BINARY_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
+HEADER_LENGTH = "inference-header-content-length"
+BINARY_MEDIA_TYPE = "application/octet-stream"
+# Media types an inference request may come as: tritonclient's synchronous client names none,
+# its asyncio client (aiohttp) says octet-stream for JSON and binary bodies alike.
+REQUEST_MEDIA_TYPES = ("application/json", BINARY_MEDIA_TYPE)
+STATUS = {"invalid": 400, "not_found": 404}
+# Raw bytes handed to the server per part of a large binary answer: views, never copies.
+BINARY_PART_BYTES = 4 * 2**20
 DATA_TYPES = {1: list[float], 2: list[list[float]], 3: list[list[list[float]]]}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -58,8 +63,8 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 class PathParamsRoute(APIRoute):
     """An operation called with its path parameters and the bare Request, without FastAPI's
-    dependency solving (as `OwnBodyRoute` does for the native endpoints: it costs more than the
-    book's example). The endpoint's signature still documents the parameters."""
+    dependency solving (it costs more than the book's example). The endpoint's signature still
+    documents the parameters."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         endpoint = self.endpoint
@@ -75,32 +80,26 @@ class PathParamsRoute(APIRoute):
 Scalar = bool | int | float | str
 
 
-class RequestInput(msgspec.Struct, forbid_unknown_fields=True):
+class JsonInput(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     shape: list[int]
     datatype: str
-    data: msgspec.Raw
+    data: msgspec.Raw = msgspec.Raw(b"")  # empty: absent (binary data instead)
     parameters: dict[str, Scalar] = {}
 
 
-class RequestOutput(msgspec.Struct, forbid_unknown_fields=True):
+class JsonOutput(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     parameters: dict[str, Scalar] = {}
 
 
-class InferenceRequest(msgspec.Struct, forbid_unknown_fields=True):
-    inputs: list[RequestInput]
+class JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
+    inputs: list[JsonInput]
     id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
     parameters: dict[str, Scalar] = {}
-    outputs: list[RequestOutput] | None = None
-
-
-class ProtocolError(Exception):
-    """An answer in the protocol's `{"error": ...}` form."""
-
-    def __init__(self, message: str, status_code: int = 400) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+    outputs: list[JsonOutput] | None = None
 
 
 # --- documentation models (the answers are written by orjson, these describe them) ---------------
@@ -137,6 +136,7 @@ class TensorMetadata(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
+    versions: list[str]
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
@@ -152,17 +152,27 @@ class OutputTensor(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list[float] = Field(description="the tensor's numbers, flat in row-major order")
+    data: list[float | None] | None = Field(
+        None,
+        description="the tensor's numbers, flat in row-major order (null: a padded position); "
+        "absent for a binary output",
+    )
+    parameters: dict[str, int] | None = Field(
+        None, description="`binary_data_size`: the bytes of a binary output"
+    )
 
 
 class InferenceResponse(BaseModel):
     model_name: str
+    model_version: str
     id: str | None = Field(None, description="the request's `id`, when it had one")
-    parameters: dict[str, Any] = Field(description="every parameter as resolved")
+    parameters: dict[str, Any] = Field(
+        description="every parameter as resolved, and the KV cache's figures"
+    )
     outputs: list[OutputTensor]
 
 
-# --- health and metadata --------------------------------------------------------------------------
+# --- errors --------------------------------------------------------------------------------------
 
 
 def error_response(message: str, status_code: int, headers: dict[str, str] | None = None):
@@ -178,31 +188,52 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
 
 
-def model(name: str) -> Variant:
-    variant = VARIANTS.get(name)
-    if variant is None:
-        raise ProtocolError(f"unknown model {name!r}; models: {', '.join(VARIANTS)}", 404)
-    return variant
+def protocol_errors(endpoint: Callable[..., Awaitable[Response]]):
+    """Every way the endpoint can fail, answered in the protocol's form."""
+
+    @functools.wraps(endpoint)
+    async def answered(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await endpoint(*args, **kwargs)
+        except ProtocolError as error:
+            return error_response(str(error), STATUS[error.kind])
+        except HTTPException as error:  # the body's size or media type
+            return error_response(str(error.detail), error.status_code)
+        except Saturated as error:
+            kwargs["request"].app.state.metrics.refused.inc()
+            return error_response(str(error), 503, headers={"Retry-After": "1"})
+
+    return answered
+
+
+# --- health and metadata --------------------------------------------------------------------------
 
 
 def is_ready(request: Request) -> bool:
     return bool(getattr(request.app.state, "ready", False))
 
 
-# The models, listed in the OpenAPI document (a menu in /docs); any other name is the protocol's
-# 404 {"error"}, not a validation error.
+# The models and their version, listed in the OpenAPI document (menus in /docs); any other is
+# the protocol's 404 {"error"}, not a validation error.
 ModelName = Annotated[
     str, Path(description="an attention variant", json_schema_extra={"enum": list(VARIANTS)})
 ]
+ModelVersion = Annotated[
+    str, Path(description="the model's version", json_schema_extra={"enum": [protocol.VERSION]})
+]
 
 NOT_READY = {"model": Ready, "description": "Not ready yet (the protocol's 4xx for false)"}
-UNKNOWN_MODEL = {"model": ErrorResponse, "description": "No such model"}
+UNKNOWN_MODEL = {"model": ErrorResponse, "description": "No such model or version"}
 
 
 @router.get("", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata(request: Request) -> Response:
     return json_response(
-        {"name": "attention-service", "version": request.app.version, "extensions": []}
+        {
+            "name": "attention-service",
+            "version": request.app.version,
+            "extensions": ["binary_tensor_data"],
+        }
     )
 
 
@@ -219,82 +250,113 @@ async def server_ready(request: Request) -> Response:
     return json_response({"ready": ready}, 200 if ready else 400)
 
 
-@router.get(
-    "/models/{model_name}/ready",
-    summary="Model ready",
-    response_model=ModelReady,
-    responses={400: {"model": ModelReady, "description": "Not ready yet"}, 404: UNKNOWN_MODEL},
-)
-async def model_ready(model_name: ModelName, request: Request) -> Response:
-    try:
-        variant = model(model_name)
-    except ProtocolError as error:
-        return error_response(str(error), error.status_code)
+MODEL_READY_RESPONSES = {
+    400: {"model": ModelReady, "description": "Not ready yet"},
+    404: UNKNOWN_MODEL,
+}
+
+
+@protocol_errors
+async def model_ready(request: Request, model_name: str, model_version: str | None = None):
+    variant = protocol.model(model_name, model_version)
     ready = is_ready(request)
     return json_response({"name": variant.name, "ready": ready}, 200 if ready else 400)
 
 
-def protocol_parameters(variant: Variant) -> list[str]:
-    """The request parameters of a variant: the native fields but the inputs."""
-    model_fields = request_model(variant).model_fields
-    inputs = ("embeddings", "text", *TEXT_PARAMETERS, *EMBEDDINGS_PARAMETERS)  # no batches here
-    return [name for name in model_fields if name not in inputs]
+@protocol_errors
+async def model_metadata(request: Request, model_name: str, model_version: str | None = None):
+    return json_response(protocol.metadata(protocol.model(model_name, model_version)))
 
 
-def metadata(variant: Variant) -> dict[str, Any]:
-    info = variant_info(variant)
-    weights_shape = [-1, -1, -1] if variant.multi_head else [-1, -1]
-    return {
-        "name": variant.name,
-        "platform": PLATFORM,
-        "inputs": [{"name": INPUT, "datatype": DATATYPE, "shape": [-1, -1]}],
-        "outputs": [
-            {"name": "attention_weights", "datatype": DATATYPE, "shape": weights_shape},
-            {"name": "context_vectors", "datatype": DATATYPE, "shape": [-1, -1]},
-        ],
-        "description": f"{variant.description} Book section {variant.book_section}. The input "
-        "is T x d_in, or a batch B x T x d_in; a batch adds a leading B to every output"
-        + (", and attention_weights is H x T x T" if variant.multi_head else "")
-        + ".",
-        "book_section": variant.book_section,
-        "parameters": {
-            name: parameter.model_dump()
-            for name, parameter in info.parameters.items()
-            if name in protocol_parameters(variant)
-        },
-        "implementations": [implementation.name for implementation in info.implementations],
-    }
+async def documented_ready(request: Request, model_name: ModelName) -> Response:
+    return await model_ready(request=request, model_name=model_name)
 
 
-@router.get(
-    "/models/{model_name}",
-    summary="Model metadata: an attention variant's tensors and parameters",
-    response_model=ModelMetadata,
-    responses={404: UNKNOWN_MODEL},
-)
-async def model_metadata(model_name: ModelName) -> Response:
-    try:
-        return json_response(metadata(model(model_name)))
-    except ProtocolError as error:
-        return error_response(str(error), error.status_code)
+async def documented_versioned_ready(
+    request: Request, model_name: ModelName, model_version: ModelVersion
+) -> Response:
+    return await model_ready(request=request, model_name=model_name, model_version=model_version)
 
 
-# --- inference ------------------------------------------------------------------------------------
+async def documented_metadata(request: Request, model_name: ModelName) -> Response:
+    return await model_metadata(request=request, model_name=model_name)
 
 
-@dataclass(frozen=True)
-class Inference:
-    """What the writer needs besides the job: the outputs asked for and the request's id."""
-
-    outputs: tuple[str, ...]
-    id: str | None
+async def documented_versioned_metadata(
+    request: Request, model_name: ModelName, model_version: ModelVersion
+) -> Response:
+    return await model_metadata(request=request, model_name=model_name, model_version=model_version)
 
 
-def decode(body: bytes | bytearray) -> InferenceRequest:
-    if not body.strip():
+for path, endpoint, summary in [
+    ("/models/{model_name}", documented_metadata, "Model metadata"),
+    ("/models/{model_name}/versions/{model_version}", documented_versioned_metadata, None),
+]:
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["GET"],
+        route_class_override=PathParamsRoute,
+        summary=summary or "Model metadata, of its one version",
+        response_model=ModelMetadata,
+        responses={404: UNKNOWN_MODEL},
+    )
+for path, endpoint, summary in [
+    ("/models/{model_name}/ready", documented_ready, "Model ready"),
+    ("/models/{model_name}/versions/{model_version}/ready", documented_versioned_ready, None),
+]:
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["GET"],
+        route_class_override=PathParamsRoute,
+        summary=summary or "Model ready, its one version",
+        response_model=ModelReady,
+        responses=MODEL_READY_RESPONSES,
+    )
+
+
+# --- reading an inference request -----------------------------------------------------------------
+
+
+def media_type(request: Request) -> str | None:
+    value = request.headers.get("content-type")
+    return None if value is None else value.partition(";")[0].strip().lower()
+
+
+def checked_media_type(request: Request) -> None:
+    found = media_type(request)
+    if found not in (None, *REQUEST_MEDIA_TYPES):
+        raise HTTPException(
+            415,
+            f"an inference request is {REQUEST_MEDIA_TYPES[0]}, or with binary tensor data "
+            f"{BINARY_MEDIA_TYPE}; got Content-Type {request.headers['content-type']!r}",
+        )
+
+
+def header_length(request: Request, body_size: int) -> int | None:
+    """The JSON header's length when the body carries binary tensor data, else None."""
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ProtocolError(f"Inference-Header-Content-Length {value!r} is not a whole number")
+    length = int(value)
+    if not 0 < length <= body_size:
+        raise ProtocolError(
+            f"Inference-Header-Content-Length {length} is past the body's end: the body is "
+            f"{body_size} bytes"
+        )
+    return length
+
+
+def decode(body: bytes | bytearray, header: int | None) -> InferenceRequest:
+    """The request in `body`: a JSON object, then (with a header length) the binary tensors."""
+    json_part = body if header is None else memoryview(body)[:header]
+    if len(json_part) < 4096 and not bytes(json_part).strip():
         raise ProtocolError("the request body is empty: send an inference request object")
     try:
-        return msgspec.json.decode(body, type=InferenceRequest)
+        request = msgspec.json.decode(json_part, type=JsonRequest)
     except msgspec.ValidationError as error:
         message, _, path = str(error).partition(" - at `")
         where = f" at {path.rstrip('`')}" if path else ""
@@ -302,278 +364,420 @@ def decode(body: bytes | bytearray) -> InferenceRequest:
     except RecursionError:
         raise ProtocolError("the body nests lists or objects too deeply") from None
     except msgspec.DecodeError as error:
-        raise ProtocolError(f"the body is not valid JSON: {error}") from None
+        what = "the JSON header" if header is not None else "the body"
+        raise ProtocolError(f"{what} is not valid JSON: {error}") from None
+    binary = memoryview(body)[header:] if header is not None else memoryview(b"")
+    return InferenceRequest(
+        inputs=binary_inputs(request.inputs, binary, header is not None),
+        parameters=own_parameters(request.parameters, ("binary_data_output",), "parameters"),
+        outputs=requested_outputs(request.outputs),
+        binary_outputs=binary_flag(request.parameters, "binary_data_output", "parameters"),
+        id=request.id,
+        model_name=request.model_name,
+        model_version=request.model_version,
+    )
 
 
-def refuse_binary(parameters: dict[str, Scalar], where: str) -> dict[str, Scalar]:
-    """Triton's binary-data parameters, which may say 'off'; the rest as they came."""
-    for name in BINARY_PARAMETERS:
-        if parameters.get(name) not in (None, False):
+def binary_flag(parameters: dict[str, Scalar], name: str, where: str) -> bool:
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where}: {name} must be true or false; got {value!r}")
+    return value
+
+
+def own_parameters(
+    parameters: dict[str, Scalar], extension: tuple[str, ...], where: str
+) -> dict[str, Scalar]:
+    """The parameters but the binary extension's, which this module reads itself."""
+    return {name: value for name, value in parameters.items() if name not in extension}
+
+
+def requested_outputs(outputs: list[JsonOutput] | None) -> list[RequestedOutput] | None:
+    if outputs is None:
+        return None
+    requested = []
+    for output in outputs:
+        where = f"output {output.name!r}"
+        extra = own_parameters(output.parameters, ("binary_data",), where)
+        if extra:
             raise ProtocolError(
-                f"{where}: {name}={parameters[name]!r} asks for the binary tensor data "
-                "extension, which this server does not support: send the data as JSON"
+                f"{where}: unknown parameters {sorted(extra)}; it takes binary_data"
             )
-    return {name: value for name, value in parameters.items() if name not in BINARY_PARAMETERS}
+        requested.append(
+            RequestedOutput(output.name, binary_flag(output.parameters, "binary_data", where))
+        )
+    return requested
 
 
-def embeddings(inputs: list[RequestInput]) -> np.ndarray:
-    """The one input tensor as a float32 array of its shape, (T, d_in) or (B, T, d_in)."""
-    names = [tensor.name for tensor in inputs]
-    if names != [INPUT]:
-        raise ProtocolError(
-            f"the models take one input tensor, {INPUT!r} (FP32, shape [T, d_in] or "
-            f"[B, T, d_in]); got {names or 'none'}"
-        )
-    (tensor,) = inputs
-    where = f"input {INPUT!r}"
-    extra = refuse_binary(tensor.parameters, where)
-    if extra:
-        raise ProtocolError(f"{where}: unknown parameters {sorted(extra)}; input tensors take none")
-    if tensor.datatype != DATATYPE:
-        raise ProtocolError(
-            f"{where} has datatype {tensor.datatype!r}; this server takes {DATATYPE} only"
-        )
-    shape = tensor.shape
-    if len(shape) not in (2, 3) or any(dim < 1 for dim in shape):
-        raise ProtocolError(
-            f"{where}: shape must be [T, d_in] or [B, T, d_in] with every dimension at least 1; "
-            f"got {shape}"
-        )
-    raw = bytes(tensor.data)
-    depth = nesting_depth(raw)
-    if depth not in (1, len(shape)):
-        raise ProtocolError(
-            f"{where}: data must be a list of numbers, flat in row-major order or nested "
-            f"{len(shape)} deep as the shape {shape} is; got "
-            + ("something else" if depth == 0 else f"lists nested {depth} deep")
-        )
-    try:
-        values = msgspec.json.decode(raw, type=DATA_TYPES[depth])
-    except msgspec.ValidationError as error:
-        message, _, path = str(error).partition(" - at `$")
-        message = message.replace("`float`", "a number").replace("`array`", "a list")
-        if message == "Number out of range":
-            message = "number out of range: data must be finite float32 values"
-        raise ProtocolError(f"{where}: data{path.rstrip('`')}: {message}") from None
-    if depth == 1:
-        expected = math.prod(shape)
-        if len(values) != expected:
+def binary_inputs(
+    inputs: list[JsonInput], binary: memoryview, has_header: bool
+) -> list[InputTensor]:
+    """The inputs, each reading its numbers from its JSON `data` or its slice of the binary
+    tensors; the slices must account for every byte after the header."""
+    tensors, offset = [], 0
+    for tensor in inputs:
+        where = f"input {tensor.name!r}"
+        extra = own_parameters(tensor.parameters, ("binary_data_size",), where)
+        if extra:
             raise ProtocolError(
-                f"{where}: shape {shape} holds {expected} numbers but data has {len(values)}"
+                f"{where}: unknown parameters {sorted(extra)}; an input takes binary_data_size"
             )
-        array = as_float32(values).reshape(shape)
-    else:
+        size = tensor.parameters.get("binary_data_size")
+        has_data = len(tensor.data) > 0
+        if size is None:
+            if not has_data:
+                raise ProtocolError(f"{where} has no data and no binary_data_size")
+            tensors.append(
+                InputTensor(tensor.name, tensor.datatype, tensor.shape, json_values(tensor.data))
+            )
+            continue
+        if has_data:
+            raise ProtocolError(f"{where} has both data and binary_data_size: send one")
+        if not has_header:
+            raise ProtocolError(
+                f"{where} has binary_data_size but the request has no "
+                "Inference-Header-Content-Length header to say where its JSON ends"
+            )
+        if type(size) is not int or size < 0:
+            raise ProtocolError(f"{where}: binary_data_size must be a whole number; got {size!r}")
+        if offset + size > len(binary):
+            raise ProtocolError(
+                f"{where}: binary_data_size {size} runs past the body's end: "
+                f"{len(binary) - offset} bytes of binary data are left after the inputs before it"
+            )
+        tensors.append(
+            InputTensor(
+                tensor.name,
+                tensor.datatype,
+                tensor.shape,
+                raw_values(binary[offset : offset + size]),
+            )
+        )
+        offset += size
+    if offset != len(binary):
+        raise ProtocolError(
+            f"the binary_data_size values add up to {offset} bytes, but {len(binary)} bytes "
+            "follow the JSON header"
+        )
+    return tensors
+
+
+def raw_values(raw: memoryview):
+    def values(tensor: InputTensor, dtype: np.dtype, where: str) -> np.ndarray:
+        count, left = divmod(len(raw), dtype.itemsize)
+        if left:
+            raise ProtocolError(
+                f"{where}: binary_data_size {len(raw)} is not a whole number of "
+                f"{tensor.datatype} values ({dtype.itemsize} bytes each)"
+            )
+        protocol.checked_count(tensor, count, f"its {len(raw)} bytes of {tensor.datatype} hold")
+        return np.frombuffer(raw, dtype=dtype)  # converted (copied) to float32 by the caller
+
+    return values
+
+
+def json_values(raw: msgspec.Raw):
+    def values(tensor: InputTensor, dtype: np.dtype, where: str) -> np.ndarray:
+        fragment = bytes(raw)
+        shape = tensor.shape
+        depth = nesting_depth(fragment)
+        if depth not in (1, len(shape)):
+            raise ProtocolError(
+                f"{where}: data must be a list of numbers, flat in row-major order or nested "
+                f"{len(shape)} deep as the shape {shape} is; got "
+                + ("something else" if depth == 0 else f"lists nested {depth} deep")
+            )
         try:
-            array = as_float32(values)
+            numbers = msgspec.json.decode(fragment, type=DATA_TYPES[depth])
+        except msgspec.ValidationError as error:
+            message, _, path = str(error).partition(" - at `$")
+            message = message.replace("`float`", "a number").replace("`array`", "a list")
+            if message == "Number out of range":
+                message = "number out of range: data must be finite float32 values"
+            raise ProtocolError(f"{where}: data{path.rstrip('`')}: {message}") from None
+        if depth == 1:
+            protocol.checked_count(tensor, len(numbers), "data has")
+            return np.asarray(numbers, dtype=np.float64)
+        try:
+            array = as_float32(numbers)
         except ValueError:
             raise ProtocolError(f"{where}: nested data must be rectangular") from None
         if list(array.shape) != shape:
             raise ProtocolError(
                 f"{where}: nested data has shape {list(array.shape)} but shape says {shape}"
             )
-    return checked_finite(array)
+        return array
+
+    return values
 
 
-def wanted_outputs(requested: list[RequestOutput] | None) -> tuple[str, ...]:
-    if requested is None:
-        return OUTPUTS
-    names: list[str] = []
-    for output in requested:
-        if output.name not in OUTPUTS:
-            raise ProtocolError(f"unknown output {output.name!r}; outputs: {', '.join(OUTPUTS)}")
-        if output.name in names:
-            raise ProtocolError(f"output {output.name!r} is requested twice")
-        extra = refuse_binary(output.parameters, f"output {output.name!r}")
-        if extra:
-            raise ProtocolError(f"output {output.name!r}: unknown parameters {sorted(extra)}")
-        names.append(output.name)
-    if not names:
-        raise ProtocolError(f"'outputs' is empty: name at least one of {', '.join(OUTPUTS)}")
-    return tuple(names)
+# --- writing the answer ---------------------------------------------------------------------------
 
 
-def describe(errors: list[dict[str, Any]]) -> str:
-    """A RequestValidationError's entries, located as a protocol client names things."""
-    messages = []
-    for error in errors:
-        loc = [part for part in error.get("loc", ()) if part != "body"]
-        if not loc:
-            messages.append(error["msg"])
-        elif loc[0] == "embeddings":
-            at = " at " + "".join(f"[{index}]" for index in loc[1:]) if loc[1:] else ""
-            messages.append(f"input {INPUT!r}{at}: {error['msg']}")
+@dataclass
+class Written:
+    """An answer's body and the headers that go with it."""
+
+    content: bytes | Iterator[bytes | memoryview]
+    headers: dict[str, str] | None = None
+    media_type: str = "application/json"
+
+
+def write(plan: Plan, payloads: list[dict[str, Any]]) -> Written:
+    """JSON straight from the numpy arrays (in parts when large, as the native answers are), or
+    a JSON header and the binary outputs' own bytes."""
+    done = protocol.answer(plan, payloads)
+    if not any(output.binary for output, _ in done.outputs):
+        response = head(done)
+        response["outputs"] = [
+            {**tensor_head(output, array), "data": array.ravel()} for output, array in done.outputs
+        ]
+        return Written(dumps_or_parts(response, plan.answer_floats))
+    response = head(done)
+    raw: list[memoryview] = []
+    response["outputs"] = []
+    for output, array in done.outputs:
+        described = tensor_head(output, array)
+        if output.binary:
+            data = memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B")
+            described["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
         else:
-            messages.append(f"parameter {loc[0]!r}: {error['msg']}")
-    return "; ".join(messages)
-
-
-def prepare(engine: Engine, variant: Variant, body: bytes | bytearray) -> Plan:
-    """From the body to a job checked against every limit, or a ProtocolError."""
-    try:
-        inference = decode(body)
-        array = embeddings(inference.inputs)
-        outputs = wanted_outputs(inference.outputs)
-        parameters = refuse_binary(inference.parameters, "parameters")
-        accepted = protocol_parameters(variant)
-        unknown = sorted(name for name in parameters if name not in accepted)
-        if unknown:
-            raise ProtocolError(
-                f"unknown parameters {unknown} for model {variant.name!r}; it accepts: "
-                + ", ".join(accepted)
-            )
-        weights_wanted = "attention_weights" in outputs
-        if parameters.get("return_weights") is False and weights_wanted:
-            raise ProtocolError(
-                "parameter 'return_weights' is false but the attention_weights output is "
-                "requested: request only context_vectors, or drop the parameter"
-            )
-        values: dict[str, Any] = {"return_weights": weights_wanted, **parameters, INPUT: array}
-        try:
-            validated = request_model(variant).model_validate(values)
-        except ValidationError as error:
-            raise ProtocolError(
-                describe(error.errors(include_url=False, include_context=False))
-            ) from None
-        job = engine.prepare(variant, validated)
-    except RequestValidationError as error:
-        raise ProtocolError(describe(list(error.errors()))) from None
-    except AttentionInputError as error:
-        message = f"parameter {error.field!r}: {error}" if error.field else str(error)
-        raise ProtocolError(message) from None
-    return Plan([job], Inference(outputs, inference.id))
-
-
-def write(plan: Plan, payloads: list[dict[str, Any]]) -> bytes | Iterator[bytes]:
-    """The protocol's response, written straight from the numpy arrays (in parts when it is
-    large, as the native answers are: service.json_parts)."""
-    (job,), (payload,), inference = plan.jobs, payloads, plan.extra
-    config = {name: value for name, value in payload["config"].items() if value is not None}
-    response: dict[str, Any] = {"model_name": job.variant.name}
-    if inference.id is not None:
-        response["id"] = inference.id
-    response["parameters"] = config
-    response["outputs"] = [
-        {
-            "name": name,
-            "datatype": DATATYPE,
-            "shape": list(payload[name].shape),
-            "data": payload[name].ravel(),
-        }
-        for name in inference.outputs
-    ]
-    return dumps_or_parts(response, plan.answer_floats)
-
-
-async def infer_content(request: Request, model_name: str) -> bytes | Iterator[bytes]:
-    variant = model(model_name)
-    engine: Engine = request.app.state.engine
-    body = await read_body(request, engine.settings.max_body_bytes)
-    parse = functools.partial(prepare, engine, variant)
-    return await pipeline.run(
-        engine, request.app.state.compute_slots, body, len(body), parse, write
+            described["data"] = array.ravel()
+        response["outputs"].append(described)
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    size = len(header) + sum(len(data) for data in raw)
+    return Written(
+        binary_parts(header, raw),
+        {"Inference-Header-Content-Length": str(len(header)), "Content-Length": str(size)},
+        BINARY_MEDIA_TYPE,
     )
 
 
-def infer_examples() -> dict[str, dict[str, Any]]:
-    """The native examples with embeddings, as inference requests (flat row-major data)."""
-    examples: dict[str, dict[str, Any]] = {}
-    for variant_name, variant_examples in EXAMPLES.items():
-        for key, example in variant_examples.items():
-            value = dict(example["value"])
-            if "embeddings" not in value or "attention_mask" in value:  # one tensor, no mask
-                continue
-            array = np.asarray(value.pop("embeddings"), dtype=np.float32)
-            request = {
-                "inputs": [
-                    {
-                        "name": INPUT,
-                        "shape": list(array.shape),
-                        "datatype": DATATYPE,
-                        "data": [float(x) for x in array.astype(np.float64).ravel().round(6)],
-                    }
-                ],
-                **({"parameters": value} if value else {}),
-            }
-            examples[f"{variant_name}_{key}"] = {
-                "summary": f"{variant_name}: {example['summary']}",
-                "value": request,
-            }
-    return examples
+def head(done: Answer) -> dict[str, Any]:
+    response: dict[str, Any] = {"model_name": done.model_name, "model_version": protocol.VERSION}
+    if done.id is not None:
+        response["id"] = done.id
+    response["parameters"] = done.parameters
+    return response
 
 
-async def infer(model_name: ModelName, request: Request) -> Response:
-    try:
-        content = await infer_content(request, model_name)
-    except ProtocolError as error:
-        return error_response(str(error), error.status_code)
-    except HTTPException as error:  # the body's size limit
-        return error_response(str(error.detail), error.status_code)
-    except Saturated as error:
-        request.app.state.metrics.refused.inc()
-        return error_response(str(error), 503, headers={"Retry-After": "1"})
-    return answer_response(content)
+def tensor_head(output: RequestedOutput, array: np.ndarray) -> dict[str, Any]:
+    return {"name": output.name, "datatype": protocol.OUTPUT_DATATYPE, "shape": list(array.shape)}
 
 
-# The protocol's inference request, as the endpoint reads it (see `decode`).
-INFER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "parameters": {
-            "type": "object",
-            "additionalProperties": {
-                "anyOf": [
-                    {"type": "string"},
-                    {"type": "number"},
-                    {"type": "boolean"},
-                ]
-            },
-        },
-        "inputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name", "shape", "datatype", "data"],
-                "properties": {
-                    "name": {"type": "string", "enum": [INPUT]},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
-                    "datatype": {"type": "string", "enum": [DATATYPE]},
-                    "data": {"type": "array"},
-                },
-            },
-        },
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {"name": {"type": "string", "enum": OUTPUTS}},
-            },
-        },
-    },
+def binary_parts(header: bytes, raw: list[memoryview]) -> Iterator[bytes | memoryview]:
+    """The header, then each output's bytes in views of at most BINARY_PART_BYTES: the arrays
+    are sent as they lie in memory, never joined into one copy."""
+    yield header
+    for data in raw:
+        for start in range(0, len(data), BINARY_PART_BYTES):
+            yield data[start : start + BINARY_PART_BYTES]
+
+
+def written_response(written: Written) -> Response:
+    if written.headers is None:
+        return answer_response(written.content)
+    return StreamingResponse(
+        written.content, headers=written.headers, media_type=written.media_type
+    )
+
+
+# --- inference ------------------------------------------------------------------------------------
+
+
+def parse(engine: Engine, variant: Variant, request: Request, body: bytes | bytearray) -> Plan:
+    return protocol.prepare(engine, variant, decode(body, header_length(request, len(body))))
+
+
+@protocol_errors
+async def infer(request: Request, model_name: str, model_version: str | None = None):
+    variant = protocol.model(model_name, model_version)
+    checked_media_type(request)
+    engine: Engine = request.app.state.engine
+    body = await read_body(request, engine.settings.max_body_bytes)
+    written = await pipeline.run(
+        engine,
+        request.app.state.compute_slots,
+        body,
+        len(body),
+        functools.partial(parse, engine, variant, request),
+        write,
+    )
+    return written_response(written)
+
+
+# --- the inference operations, one documented per model -----------------------------------------
+
+
+def infer_endpoint(model_name: str, model_version: str | None):
+    async def endpoint(request: Request) -> Response:
+        return await infer(request=request, model_name=model_name, model_version=model_version)
+
+    return endpoint
+
+
+def without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema without its null branch: a protocol parameter is a scalar, never null."""
+    schema = {key: value for key, value in schema.items() if key not in ("default", "title")}
+    branches = [branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"]
+    if len(branches) == 1:
+        schema |= branches[0]
+    elif branches:
+        schema["anyOf"] = branches
+    return schema
+
+
+NUMBERS = {"type": "array", "minItems": 1, "items": {"type": "number"}}
+NESTED = {"type": "array", "minItems": 1, "items": NUMBERS}
+TENSOR_DATA = {
+    "description": "the tensor's numbers, flat in row-major order (prod(shape) of them) or "
+    "nested as the shape is",
+    "anyOf": [NUMBERS, NESTED, {"type": "array", "minItems": 1, "items": NESTED}],
 }
 
 
-router.add_api_route(
-    "/models/{model_name}/infer",
-    infer,
-    methods=["POST"],
-    route_class_override=PathParamsRoute,
-    summary="Inference: an attention variant on the `embeddings` tensor",
-    description="The model is the variant ("
-    + ", ".join(f"`{name}`" for name in VARIANTS)
-    + "). One input, `embeddings`: FP32, shape [T, d_in] or [B, T, d_in], data flat "
-    "in row-major order or nested. The variant's parameters (`d_out`, `num_heads`, `seed`, "
-    "`qkv_bias`, `dropout`, `implementation`, `return_weights`, `decimals`) go in `parameters`. "
-    "`outputs` may name `attention_weights` and/or `context_vectors`; asking for the context "
-    "vectors alone lets the service use the fused kernel that never holds T x T.",
-    response_model=InferenceResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "A request the model cannot run"},
-        404: UNKNOWN_MODEL,
-        413: {"model": ErrorResponse, "description": "The request body exceeds its limit"},
-        503: {"model": ErrorResponse, "description": "Saturated; see Retry-After"},
+def infer_schema(variant: Variant) -> dict[str, Any]:
+    """The inference request of one model, as the endpoint reads it (see `decode`)."""
+    fields = request_model(variant).model_json_schema()["properties"]
+    parameters = {name: without_null(fields[name]) for name in protocol.parameter_names(variant)}
+    parameters["binary_data_output"] = {
+        "type": "boolean",
+        "description": "every output in binary (Triton's binary tensor data extension)",
+    }
+    return {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "description": "echoed in the answer"},
+            "model_name": {"type": "string", "enum": [variant.name]},
+            "model_version": {"type": "string", "enum": [protocol.VERSION]},
+            "parameters": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": parameters,
+                "description": "the variant's parameters, as its native endpoint takes them",
+            },
+            "inputs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["name", "shape", "datatype", "data"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "enum": [INPUT]},
+                        "shape": {
+                            "type": "array",
+                            "minItems": 2,
+                            "maxItems": 3,
+                            "items": {"type": "integer", "minimum": 1},
+                            "description": "[T, d_in] or [B, T, d_in]",
+                        },
+                        "datatype": {"type": "string", "enum": list(protocol.INPUT_DATATYPES)},
+                        "data": TENSOR_DATA,
+                    },
+                },
+            },
+            "outputs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": len(OUTPUTS),
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "enum": list(OUTPUTS)},
+                        "parameters": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"binary_data": {"type": "boolean"}},
+                        },
+                    },
+                },
+                "description": "the outputs to return, each once (all when absent)",
+            },
+        },
+    }
+
+
+def infer_examples(variant: Variant) -> dict[str, dict[str, Any]]:
+    """The variant's native examples with embeddings, as inference requests (flat data)."""
+    examples: dict[str, dict[str, Any]] = {}
+    for key, example in EXAMPLES[variant.name].items():
+        value = dict(example["value"])
+        if "embeddings" not in value or "attention_mask" in value:  # one tensor, no mask
+            continue
+        array = np.asarray(value.pop("embeddings"), dtype=np.float32)
+        request = {
+            "inputs": [
+                {
+                    "name": INPUT,
+                    "shape": list(array.shape),
+                    "datatype": "FP32",
+                    "data": [float(x) for x in array.astype(np.float64).ravel().round(6)],
+                }
+            ],
+            **({"parameters": value} if value else {}),
+        }
+        examples[key] = {"summary": example["summary"], "value": request}
+    return examples
+
+
+INFER_RESPONSES = {
+    200: {
+        "description": "The outputs: JSON, or with binary outputs a JSON header of "
+        "Inference-Header-Content-Length bytes followed by their raw little-endian FP32 bytes",
+        "content": {BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     },
-    openapi_extra=json_request_body(INFER_SCHEMA, infer_examples()),
-)
+    400: {"model": ErrorResponse, "description": "A request the model cannot run"},
+    404: UNKNOWN_MODEL,
+    413: {"model": ErrorResponse, "description": "The request body exceeds its limit"},
+    415: {"model": ErrorResponse, "description": "A body that is neither JSON nor binary"},
+    503: {"model": ErrorResponse, "description": "Saturated; see Retry-After"},
+}
+
+
+def infer_description(variant: Variant) -> str:
+    return (
+        f"{variant.description} One input, `embeddings`: shape [T, d_in] or [B, T, d_in], FP32 "
+        "(FP64 and FP16 converted), data flat in row-major order or nested, or sent as binary "
+        "tensor data (a JSON header of `Inference-Header-Content-Length` bytes, then the raw "
+        "little-endian tensor, its size in the input's `parameters.binary_data_size`). The "
+        "variant's parameters go in `parameters`. `outputs` may name `attention_weights` and/or "
+        "`context_vectors` (the context vectors alone let the service use the fused kernel that "
+        "never holds T x T), each in binary with `parameters.binary_data`, or all of them with "
+        "the request's `binary_data_output`."
+    )
+
+
+for variant in VARIANTS.values():
+    for path, version in [
+        (f"/models/{variant.name}/infer", None),
+        (f"/models/{variant.name}/versions/{protocol.VERSION}/infer", protocol.VERSION),
+    ]:
+        router.add_api_route(
+            path,
+            infer_endpoint(variant.name, version),
+            methods=["POST"],
+            route_class_override=PathParamsRoute,
+            name=f"infer_{variant.name.replace('-', '_')}" + ("_versioned" if version else ""),
+            summary=f"Inference: {variant.name}" + (f", version {version}" if version else ""),
+            description=infer_description(variant),
+            response_model=InferenceResponse,
+            responses=INFER_RESPONSES,
+            openapi_extra=json_request_body(infer_schema(variant), infer_examples(variant)),
+        )
+
+# Any other model or version: the protocol's 404, from the same endpoint.
+for path in ["/models/{model_name}/infer", "/models/{model_name}/versions/{model_version}/infer"]:
+    router.add_api_route(
+        path,
+        infer,
+        methods=["POST"],
+        route_class_override=PathParamsRoute,
+        include_in_schema=False,
+    )
