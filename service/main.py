@@ -12,10 +12,14 @@ from service import errors
 from service.concurrency import ComputeSlots
 from service.engine import Engine
 from service.fast_lane import FastLane
+from service.grpc_server import GrpcServer
 from service.observability import Metrics, ObservabilityMiddleware, configure_logging
 from service.routes import attention, compare, health, inference_protocol, playground
 from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
+
+# How long calls in flight may take to finish once the app stops (uvicorn has drained HTTP).
+GRPC_STOP_GRACE_SECONDS = 10
 
 DESCRIPTION = """
 The attention mechanisms of *Build a Large Language Model From Scratch* (S. Raschka):
@@ -36,10 +40,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The gRPC service listens from the start, answering NOT_SERVING until ready.
+        grpc = GrpcServer(settings, app.state, app.version) if settings.grpc_port else None
+        if grpc is not None:
+            await grpc.start()
         await run_in_threadpool(engine.warm_up)
         app.state.ready = True
+        if grpc is not None:
+            await grpc.set_serving(True)
         yield
         app.state.ready = False
+        if grpc is not None:
+            await grpc.stop(GRPC_STOP_GRACE_SECONDS)
 
     # Swagger UI's assets are served from the installed package: /docs needs no network.
     app = FastAPIOffline(

@@ -10,7 +10,8 @@ the native endpoint's.
 The transports (`service.routes.inference_protocol` over REST, `service.grpc` over gRPC) decode
 their requests into an `InferenceRequest` and write the `Answer` this module makes; every check
 and every message is here, once. A `ProtocolError` carries its kind: `invalid` (REST 400,
-gRPC INVALID_ARGUMENT), `not_found` (404, NOT_FOUND).
+gRPC INVALID_ARGUMENT), `not_found` (404, NOT_FOUND), `limit` (a limit of the settings: 400,
+RESOURCE_EXHAUSTED).
 """
 
 import math
@@ -40,7 +41,7 @@ Scalar = bool | int | float | str
 
 
 class ProtocolError(Exception):
-    """A request the protocol refuses; `kind` is `invalid` or `not_found`."""
+    """A request the protocol refuses; `kind` is `invalid`, `not_found` or `limit`."""
 
     def __init__(self, message: str, kind: str = "invalid") -> None:
         super().__init__(message)
@@ -173,6 +174,23 @@ def embeddings(inputs: list[InputTensor]) -> np.ndarray:
         raise ProtocolError(describe(list(error.errors()))) from None
 
 
+def raw_values(raw: memoryview | bytes):
+    """`InputTensor.values` for a tensor's raw little-endian bytes (binary tensor data over
+    REST, raw_input_contents over gRPC)."""
+
+    def values(tensor: InputTensor, dtype: np.dtype, where: str) -> np.ndarray:
+        count, left = divmod(len(raw), dtype.itemsize)
+        if left:
+            raise ProtocolError(
+                f"{where}: its {len(raw)} bytes are not a whole number of {tensor.datatype} "
+                f"values ({dtype.itemsize} bytes each)"
+            )
+        checked_count(tensor, count, f"its {len(raw)} bytes of {tensor.datatype} hold")
+        return np.frombuffer(raw, dtype=dtype)  # converted (copied) to float32 by the caller
+
+    return values
+
+
 def checked_count(tensor: InputTensor, count: int, what: str) -> None:
     expected = math.prod(tensor.shape)
     if count != expected:
@@ -249,7 +267,9 @@ def prepare(engine: Engine, variant: Variant, request: InferenceRequest) -> Plan
             ) from None
         job = engine.prepare(variant, validated)
     except RequestValidationError as error:
-        raise ProtocolError(describe(list(error.errors()))) from None
+        errors = list(error.errors())
+        limit = any(entry.get("type") == "limit_exceeded" for entry in errors)
+        raise ProtocolError(describe(errors), "limit" if limit else "invalid") from None
     except AttentionInputError as error:
         message = f"parameter {error.field!r}: {error}" if error.field else str(error)
         raise ProtocolError(message) from None

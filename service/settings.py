@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     module_cache_size: int = Field(32, ge=0)
     embedding_cache_size: int = Field(4, ge=0)
 
+    # The inference protocol over gRPC, beside the REST app (service.grpc_server).
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="port of the gRPC inference service; 0 turns it off"
+    )
+    grpc_host: str = Field(
+        "127.0.0.1", description="address the gRPC service listens on (0.0.0.0: every one)"
+    )
+
     # Execution.
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
     log_level: str = Field("info", description="level of the service's JSON logs")

@@ -1,6 +1,13 @@
 import json
+import os
 import re
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +16,9 @@ import pytest
 
 from service.main import create_app
 from service.settings import Settings
+
+# Apps made here open no gRPC port: the tests of the gRPC service start their own.
+os.environ.setdefault("ATTENTION_GRPC_PORT", "0")
 
 BOOK = json.loads((Path(__file__).parent / "data" / "book-chapter3-values.json").read_text())
 
@@ -44,3 +54,42 @@ def metric(text: str, name: str, **labels: str) -> float:
     pattern = rf"^{name}\{{{wanted}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def live_server(**env: str) -> Iterator[str]:
+    """The service as `make run` starts it (uvicorn, its lifespan), on a free loopback port,
+    with these ATTENTION_ settings; yields its address, `127.0.0.1:PORT`, once ready."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    settings = {f"ATTENTION_{name.upper()}": value for name, value in env.items()}
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "ATTENTION_ACCESS_LOG": "false", **settings},
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"the server did not become ready:\n{log.read().decode()[-4000:]}")
+                time.sleep(0.1)
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(30)

@@ -735,7 +735,7 @@ BAD_BINARY = {
         lambda spec, raw: binary_request(
             {"inputs": [{**spec, "parameters": {"binary_data_size": 110}}]}, raw[:110]
         ),
-        "binary_data_size 110 is not a whole number of FP32 values (4 bytes each)",
+        "its 110 bytes are not a whole number of FP32 values (4 bytes each)",
     ),
     "data and binary data": (
         lambda spec, raw: binary_request({"inputs": [{**spec, "data": [1.0] * 28}]}, raw),

@@ -2,17 +2,18 @@
 client (synchronous and asyncio) and KServe's InferenceRESTClient, against the real server.
 
 With its defaults tritonclient sends the input as binary tensor data and asks for every output
-in binary; KServe sends JSON with the model's name in the body. No `binary_data=False`
-anywhere: the numbers must be the native route's, to the bit, as the clients decode them.
+in binary; KServe sends the model's name in the body. No `binary_data=False` anywhere: the
+numbers must be the native route's, to the bit, as the clients decode them. KServe's client
+runs in a process of its own (tests/kserve_client.py: its protocol messages and tritonclient's
+cannot share one).
 """
 
-import os
-import socket
+import base64
+import json
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,10 +21,10 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from tritonclient.utils import InferenceServerException
 
 from attention import VARIANTS
+from tests.conftest import live_server
 from tests.contract import CAUSAL, MULTI_HEAD
 
 CASES = [
@@ -40,34 +41,8 @@ OUTPUTS = ("attention_weights", "context_vectors")
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    """The service as `make run` starts it, on a free loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, "ATTENTION_ACCESS_LOG": "false"},
-            stdout=log,
-            stderr=log,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"the server did not become ready:\n{log.read().decode()[-4000:]}")
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-        process.terminate()
-        process.wait(30)
+    with live_server() as address:
+        yield address
 
 
 def parameters_for(name: str, implementation: str | None) -> dict[str, Any]:
@@ -93,7 +68,8 @@ def native(server: str, name: str, array: np.ndarray, parameters: dict[str, Any]
         f"http://{server}/attention/{name}", json={"embeddings": array.tolist(), **parameters}
     )
     assert response.status_code == 200, response.text
-    return {key: np.asarray(response.json()[key], dtype=np.float32) for key in OUTPUTS}
+    answer = response.json()
+    return {key: np.asarray(answer[key], dtype=np.float32) for key in OUTPUTS if key in answer}
 
 
 def assert_bits(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -230,48 +206,83 @@ async def test_tritonclient_asyncio_gets_the_native_numbers(server, name, implem
 
 # --- KServe --------------------------------------------------------------------------------------
 
+KSERVE_CLIENT = Path(__file__).with_name("kserve_client.py")
 
-def kserve_request(
-    name: str, array: np.ndarray, parameters: dict[str, Any], request_id: str | None = None
-) -> InferRequest:
-    tensor = InferInput(name="embeddings", shape=list(array.shape), datatype="FP32")
-    tensor.set_data_from_numpy(array)
-    return InferRequest(
-        model_name=name, infer_inputs=[tensor], parameters=parameters, request_id=request_id
+
+def kserve(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """KServe's client making these calls (see tests/kserve_client.py), in its own process."""
+    result = subprocess.run(
+        [sys.executable, str(KSERVE_CLIENT)],
+        input=json.dumps(calls),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
+def kserve_call(transport: str, address: str, name: str, array: np.ndarray, **extra: Any):
+    return {
+        "transport": transport,
+        "address": address,
+        "model": name,
+        "shape": list(array.shape),
+        "data": base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode(),
+        "parameters": extra.pop("parameters", {}),
+        **extra,
+    }
+
+
+def kserve_outputs(answer: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
+        name: np.frombuffer(base64.b64decode(output["data"]), np.dtype(output["dtype"])).reshape(
+            output["shape"]
+        )
+        for name, output in answer["outputs"].items()
+    }
+
+
+def assert_kserve_gets_the_native_numbers(transport: str, address: str, rest: str) -> None:
+    """Every variant, single and batched, through KServe's client with its defaults."""
+    cases = [(name, impl, array) for name, impl in CASES for array in (SINGLE, BATCH)]
+    calls = [
+        kserve_call(
+            transport,
+            address,
+            name,
+            array,
+            parameters=parameters_for(name, impl),
+            id=f"k-{index}",
+        )
+        for index, (name, impl, array) in enumerate(cases)
+    ]
+    for index, ((name, impl, array), answer) in enumerate(zip(cases, kserve(calls), strict=True)):
+        assert "error" not in answer, (name, impl, answer)
+        assert (answer["model_name"], answer["id"]) == (name, f"k-{index}")
+        outputs = kserve_outputs(answer)
+        assert list(outputs) == list(OUTPUTS)
+        expected = native(rest, name, array, parameters_for(name, impl))
+        for output in OUTPUTS:
+            assert_bits(outputs[output], expected[output], f"{name}:{impl} {output}")
+
+
+def test_kserve_gets_the_native_numbers(server):
+    assert_kserve_gets_the_native_numbers("rest", server, server)
+
+
+def test_kserve_reports_the_servers_message(server):
+    out_of_range, other_model = kserve(
+        [
+            kserve_call("rest", server, "latent", SINGLE, parameters={"latent_dim": 0}),
+            kserve_call("rest", server, "causal", SINGLE, path_model="multi-head"),
+        ]
     )
 
-
-@pytest.mark.parametrize(("name", "implementation"), CASES, ids=IDS)
-async def test_kserve_gets_the_native_numbers(server, name, implementation):
-    parameters = parameters_for(name, implementation)
-    client = InferenceRESTClient(config=RESTConfig(protocol="v2"))
-    try:
-        for array in (SINGLE, BATCH):
-            request = kserve_request(name, array, parameters, request_id=f"k-{array.ndim}")
-            response = await client.infer(f"http://{server}", request, model_name=name)
-            expected = native(server, name, array, parameters)
-            assert response.model_name == name
-            assert response.id == f"k-{array.ndim}"
-            for output in response.outputs:
-                assert_bits(output.as_numpy(), expected[output.name], output.name)
-            assert [output.name for output in response.outputs] == list(OUTPUTS)
-    finally:
-        await client.close()
-
-
-async def test_kserve_reports_the_servers_message(server):
-    client = InferenceRESTClient(config=RESTConfig(protocol="v2"))
-    try:
-        request = kserve_request("latent", SINGLE, {"latent_dim": 0})
-        with pytest.raises(httpx.HTTPStatusError) as raised:
-            await client.infer(f"http://{server}", request, model_name="latent")
-        assert raised.value.response.status_code == 400
-        assert "parameter 'latent_dim'" in str(raised.value)
-
-        request = kserve_request("causal", SINGLE, {})
-        with pytest.raises(httpx.HTTPStatusError) as raised:
-            await client.infer(f"http://{server}", request, model_name="multi-head")
-        assert raised.value.response.status_code == 400
-        assert "the body names model 'causal' but the path names 'multi-head'" in str(raised.value)
-    finally:
-        await client.close()
+    assert out_of_range["error"]["status"] == 400
+    assert "parameter 'latent_dim'" in out_of_range["error"]["message"]
+    assert other_model["error"]["status"] == 400
+    assert (
+        "the body names model 'causal' but the path names 'multi-head'"
+        in other_model["error"]["message"]
+    )

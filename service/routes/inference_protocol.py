@@ -53,7 +53,7 @@ BINARY_MEDIA_TYPE = "application/octet-stream"
 # Media types an inference request may come as: tritonclient's synchronous client names none,
 # its asyncio client (aiohttp) says octet-stream for JSON and binary bodies alike.
 REQUEST_MEDIA_TYPES = ("application/json", BINARY_MEDIA_TYPE)
-STATUS = {"invalid": 400, "not_found": 404}
+STATUS = {"invalid": 400, "not_found": 404, "limit": 400}
 # Raw bytes handed to the server per part of a large binary answer: views, never copies.
 BINARY_PART_BYTES = 4 * 2**20
 DATA_TYPES = {1: list[float], 2: list[list[float]], 3: list[list[list[float]]]}
@@ -450,7 +450,7 @@ def binary_inputs(
                 tensor.name,
                 tensor.datatype,
                 tensor.shape,
-                raw_values(binary[offset : offset + size]),
+                protocol.raw_values(binary[offset : offset + size]),
             )
         )
         offset += size
@@ -460,20 +460,6 @@ def binary_inputs(
             "follow the JSON header"
         )
     return tensors
-
-
-def raw_values(raw: memoryview):
-    def values(tensor: InputTensor, dtype: np.dtype, where: str) -> np.ndarray:
-        count, left = divmod(len(raw), dtype.itemsize)
-        if left:
-            raise ProtocolError(
-                f"{where}: binary_data_size {len(raw)} is not a whole number of "
-                f"{tensor.datatype} values ({dtype.itemsize} bytes each)"
-            )
-        protocol.checked_count(tensor, count, f"its {len(raw)} bytes of {tensor.datatype} hold")
-        return np.frombuffer(raw, dtype=dtype)  # converted (copied) to float32 by the caller
-
-    return values
 
 
 def json_values(raw: msgspec.Raw):
