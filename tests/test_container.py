@@ -158,7 +158,6 @@ def test_dockerignore_keeps_the_build_context_small_but_complete() -> None:
 def test_compose_builds_the_image_publishes_8000_and_checks_health() -> None:
     service = compose_service()
     build = service["build"]
-    build = {"context": build} if isinstance(build, str) else build
     assert build["context"] in {".", "./"}
     assert build.get("dockerfile", "Dockerfile") == "Dockerfile"
     ports = [str(port) for port in service["ports"]]
@@ -166,8 +165,11 @@ def test_compose_builds_the_image_publishes_8000_and_checks_health() -> None:
     test = service["healthcheck"]["test"]
     assert test[0] == "CMD"
     assert test[1:] == healthcheck_command(), "compose and Dockerfile healthchecks differ"
+    # Read-only, and nothing written at run time: no tmpfs either.
     assert service["read_only"] is True
-    assert "/tmp" in service["tmpfs"]
+    assert "tmpfs" not in service and "volumes" not in service
+    assert service["cap_drop"] == ["ALL"]
+    assert service["security_opt"] == ["no-new-privileges=true"], "dockerd deprecates `:`"
     assert service["restart"] in {"always", "unless-stopped", "on-failure"}
 
 
@@ -188,7 +190,7 @@ def test_compose_environment_names_real_settings() -> None:
 # --- one-host scale-out: replicas behind nginx ---------------------------------------------------
 
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
-SCALE_COMMAND = "docker compose --profile scale up --build --scale attention-replica="
+SCALE_COMMAND = "docker compose --profile scale up --scale attention-replica="
 
 
 def nginx_directives(text: str) -> list[list[str]]:
@@ -221,10 +223,20 @@ def test_compose_replicas_are_the_service_without_a_fixed_host_port() -> None:
     # --scale N needs no host port: N containers cannot all bind one.
     assert "ports" not in replica
     assert [str(port) for port in replica["expose"]] == ["8000"]
-    for key in ["build", "image", "healthcheck", "read_only", "tmpfs", "cap_drop", "restart"]:
+    for key in ["image", "healthcheck", "read_only", "cap_drop", "security_opt", "restart"]:
         assert replica[key] == single[key], key
     assert replica["environment"]["ATTENTION_TORCH_THREADS"] == "1", "one core per replica"
     assert "profiles" not in single, "`docker compose up` still starts the single service"
+
+
+def test_compose_builds_the_image_once() -> None:
+    """Two services that build one tag build it twice, and leave the first image dangling."""
+    services = compose()["services"]
+    assert [name for name, service in services.items() if "build" in service] == ["attention"]
+    replica = services["attention-replica"]
+    assert replica["pull_policy"] == "never", "the image is `attention`'s, in no registry"
+    header = (ROOT / "docker-compose.yml").read_text()
+    assert "docker compose build" in header, "say how the replicas' image is built"
 
 
 def test_compose_load_balancer_is_official_nginx_on_8080_in_front_of_the_replicas() -> None:
