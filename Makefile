@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-container lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+# The image built and run on a Docker daemon of the test's own (root; docs/container.md).
+test-container: $(STAMP)
+	bash tests/container/run.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
