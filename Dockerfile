@@ -62,7 +62,9 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
 # Run from an empty directory, so the code is imported from site-packages, not from /app.
 WORKDIR /srv
 USER 10001
-EXPOSE 8000
+# HTTP on 8000 (CMD), the inference protocol's gRPC on 8001, both on every interface.
+ENV ATTENTION_GRPC_HOST=0.0.0.0
+EXPOSE 8000 8001
 # Healthy means ready: /readyz answers 200 once the encoding and tables are loaded (4-7 s).
 # Docker 20.10 probes first one interval after the start (it has no --start-interval), so a
 # short interval is what makes the container healthy within 15 s of its start.

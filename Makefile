@@ -1,5 +1,5 @@
-# Quick start: `make run` serves on 127.0.0.1:8000 (HOST=... PORT=... to change), `make test` runs
-# every check.
+# Quick start: `make run` serves on 127.0.0.1:8000 and gRPC on 8001 (HOST=... PORT=... to change),
+# `make test` runs every check.
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# HTTP on HOST:PORT, the inference protocol's gRPC on HOST:8001 (ATTENTION_GRPC_PORT).
 run: $(STAMP)
-	$(BIN)/uvicorn service.main:app --host $(HOST) --port $(PORT) --no-access-log
+	ATTENTION_GRPC_HOST=$${ATTENTION_GRPC_HOST:-$(HOST)} \
+		$(BIN)/uvicorn service.main:app --host $(HOST) --port $(PORT) --no-access-log
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

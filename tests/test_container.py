@@ -115,7 +115,7 @@ def test_dockerfile_base_is_a_pinned_debian_release_with_its_python() -> None:
 
 
 def test_dockerfile_user_command_and_healthcheck() -> None:
-    assert only("EXPOSE") == "8000"
+    assert only("EXPOSE") == "8000 8001"  # HTTP, and the inference protocol's gRPC
     assert json.loads(only("CMD")) == CMD
     env = " ".join(args for keyword, args in dockerfile() if keyword == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in env
@@ -175,14 +175,16 @@ def test_dockerignore_keeps_the_build_context_small_but_complete() -> None:
     assert dockerignored("service/__pycache__/main.cpython-311.pyc", patterns)
 
 
-def test_compose_builds_the_image_publishes_8000_and_checks_health() -> None:
+def test_compose_builds_the_image_publishes_8000_and_8001_and_checks_health() -> None:
     service = compose_service()
     build = service["build"]
     assert build["context"] in {".", "./"}
     assert build.get("dockerfile", "Dockerfile") == "Dockerfile"
     assert "args" not in build, "build arguments land in `docker history`: use secrets"
     ports = [str(port) for port in service["ports"]]
-    assert any(re.fullmatch(r"(\S+:)?(\d+:)?8000(/tcp)?", port) for port in ports), ports
+    for published in ("8000", "8001"):
+        pattern = rf"(\S+:)?(\d+:)?{published}(/tcp)?"
+        assert any(re.fullmatch(pattern, port) for port in ports), ports
     options, command = healthcheck()
     check = service["healthcheck"]
     assert check["test"] == ["CMD", *command], "compose and Dockerfile healthchecks differ"
@@ -245,7 +247,7 @@ def test_compose_replicas_are_the_service_without_a_fixed_host_port() -> None:
     assert replica["profiles"] == ["scale"]
     # --scale N needs no host port: N containers cannot all bind one.
     assert "ports" not in replica
-    assert [str(port) for port in replica["expose"]] == ["8000"]
+    assert [str(port) for port in replica["expose"]] == ["8000", "8001"]
     for key in ["image", "healthcheck", "read_only", "cap_drop", "security_opt", "restart"]:
         assert replica[key] == single[key], key
     assert replica["environment"]["ATTENTION_TORCH_THREADS"] == "1", "one core per replica"

@@ -12,17 +12,21 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import kubernetes_validate
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ruamel.yaml import YAML
 
 from service.main import create_app
 from service.settings import Settings
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 APP_PORT = 8000  # the image's: Dockerfile EXPOSE and CMD --port
+GRPC_PORT = Settings.model_fields["grpc_port"].default  # the app's, and the Dockerfile's EXPOSE
 # The oldest Kubernetes release still commonly run, and the newest the schemas cover.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
@@ -142,13 +146,20 @@ def test_the_pdb_leaves_a_replica_serving() -> None:
 
 
 def test_ports_are_the_images() -> None:
-    (port,) = container()["ports"]
-    assert port["containerPort"] == APP_PORT
+    ports = {port["name"]: port for port in container()["ports"]}
+    assert {name: port["containerPort"] for name, port in ports.items()} == {
+        "http": APP_PORT,
+        "grpc": GRPC_PORT,
+    }
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(rf"^EXPOSE {APP_PORT}$", dockerfile, re.MULTILINE)
+    assert re.search(rf"^EXPOSE {APP_PORT} {GRPC_PORT}$", dockerfile, re.MULTILINE)
     assert f'"--port", "{APP_PORT}"' in dockerfile
-    (service_port,) = one("Service")["spec"]["ports"]
-    assert service_port["targetPort"] in (port["name"], port["containerPort"])
+    assert re.search(r"^ENV ATTENTION_GRPC_HOST=0\.0\.0\.0$", dockerfile, re.MULTILINE)
+    service_ports = {port["name"]: port for port in one("Service")["spec"]["ports"]}
+    assert set(service_ports) == {"http", "grpc"}
+    for name, service_port in service_ports.items():
+        assert service_port["targetPort"] in (name, ports[name]["containerPort"])
+    assert service_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
     annotations = one("Deployment")["spec"]["template"]["metadata"].get("annotations", {})
     if "prometheus.io/port" in annotations:
         assert annotations["prometheus.io/port"] == str(APP_PORT)
@@ -168,12 +179,13 @@ def probe_path(name: str) -> str:
     return probe["path"]
 
 
-def test_liveness_and_readiness_probe_the_apps_routes() -> None:
-    assert probe_path("livenessProbe") == "/healthz"
+def test_startup_and_readiness_probe_the_apps_routes_and_liveness_its_grpc_health() -> None:
+    assert probe_path("startupProbe") == "/healthz"
     assert probe_path("readinessProbe") == "/readyz"
+    assert container()["livenessProbe"]["grpc"] == {"port": GRPC_PORT, "service": ""}
     paths = create_app(Settings()).openapi()["paths"]
     routes = {path for path, operations in paths.items() if "get" in operations}
-    for name in ["startupProbe", "livenessProbe", "readinessProbe"]:
+    for name in ["startupProbe", "readinessProbe"]:
         assert probe_path(name) in routes, name
     annotations = one("Deployment")["spec"]["template"]["metadata"].get("annotations", {})
     if "prometheus.io/path" in annotations:
@@ -181,17 +193,24 @@ def test_liveness_and_readiness_probe_the_apps_routes() -> None:
 
 
 async def test_the_probes_answer_as_kubernetes_expects() -> None:
-    """Liveness passes from the start; readiness only once the lifespan has warmed up."""
-    app = create_app(Settings())
+    """Startup and liveness pass from the start; readiness only once the lifespan has warmed
+    up. Kubernetes' gRPC probe passes on SERVING alone."""
+    grpc_port = free_port()
+    app = create_app(Settings(grpc_port=grpc_port))
+    probe = container()["livenessProbe"]["grpc"]
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://pod"
     ) as client:
-        assert (await client.get(probe_path("livenessProbe"))).status_code == 200
+        assert (await client.get(probe_path("startupProbe"))).status_code == 200
         assert (await client.get(probe_path("readinessProbe"))).status_code >= 400
         async with app.router.lifespan_context(app):
-            for name in ["startupProbe", "livenessProbe", "readinessProbe"]:
+            for name in ["startupProbe", "readinessProbe"]:
                 response = await client.get(probe_path(name))
                 assert 200 <= response.status_code < 400, (name, response.text)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                check = health_pb2.HealthCheckRequest(service=probe["service"])
+                answer = await health_pb2_grpc.HealthStub(channel).Check(check)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 # --- settings -------------------------------------------------------------------------------------

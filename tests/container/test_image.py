@@ -197,6 +197,29 @@ def test_the_books_section_3_4_numbers(service: Service, example: dict[str, Any]
         np.testing.assert_allclose(answer[key], example[key], rtol=0, atol=ATOL, err_msg=key)
 
 
+def test_the_inference_protocol_over_grpc_on_8001(service: Service) -> None:
+    """The image exposes the gRPC port and listens on every interface: the book's section 3.4
+    numbers through tritonclient.grpc, and the health service Kubernetes' probes ask."""
+    import grpc
+    import tritonclient.grpc as triton
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel("127.0.0.1:8001") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "inference.GRPCInferenceService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, name
+    example = next(e for e in BOOK["examples"] if e["name"].startswith("3.4"))
+    client = triton.InferenceServerClient("127.0.0.1:8001")
+    tensor = triton.InferInput("embeddings", [6, 3], "FP32")
+    tensor.set_data_from_numpy(np.asarray(BOOK["inputs"], dtype=np.float32))
+    parameters = {key: value for key, value in example["request"].items() if key != "embeddings"}
+    result = client.infer(example["variant"], [tensor], parameters=parameters)
+    client.close()
+    for key in ["attention_weights", "context_vectors"]:
+        np.testing.assert_allclose(result.as_numpy(key), example[key], rtol=0, atol=ATOL)
+
+
 def test_a_text_request_is_tokenized_offline(service: Service) -> None:
     text, ids = BOOK["gpt2_tokens"]["text"], BOOK["gpt2_tokens"]["ids"]
     status, _, body = http("/attention/simplified", {"text": text})
