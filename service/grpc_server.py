@@ -240,6 +240,35 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
+class Counted(aio.ServerInterceptor):
+    """Every unary call counted in the app's metrics, by method and status code."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method, inner = details.method.rsplit("/", 1)[-1], handler.unary_unary
+
+        async def counted(request, context):
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                self.metrics.count_grpc(method, code.name)
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
 class GrpcServer:
     """The gRPC server of one app: started and stopped by the app's lifespan."""
 
@@ -248,10 +277,11 @@ class GrpcServer:
         self.health = health_aio.HealthServicer()
         limit = settings.max_body_bytes
         self.server = aio.server(
+            interceptors=[Counted(state.metrics)],
             options=[
                 ("grpc.max_receive_message_length", min(limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", -1),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(state, version), self.server

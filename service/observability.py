@@ -203,6 +203,7 @@ class Metrics:
         self._requests: dict[tuple[str, str, str], Tally] = {}  # (method, route, status)
         self._latency: dict[tuple[str, str], LatencyCounts] = {}  # (method, route)
         self._tokens: dict[str, Tally] = {}  # variant
+        self._grpc: dict[tuple[str, str], Tally] = {}  # (method, code)
         self.registry.register(self)
 
     def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -218,6 +219,13 @@ class Metrics:
                 histogram = self._latency[key[:2]] = LatencyCounts()
             histogram.counts[bucket] += 1
             histogram.sum += seconds
+
+    def count_grpc(self, method: str, code: str) -> None:
+        with self._lock:
+            tally = self._grpc.get((method, code))
+            if tally is None:
+                tally = self._grpc[method, code] = Tally()
+            tally.value += 1
 
     def count_tokens(self, variant: str, tokens: int) -> None:
         with self._lock:
@@ -235,6 +243,7 @@ class Metrics:
                 for key, histogram in self._latency.items()
             ]
             tokens = [(key, tally.value, tally.created) for key, tally in self._tokens.items()]
+            grpc_calls = [(key, tally.value, tally.created) for key, tally in self._grpc.items()]
         request_family = CounterMetricFamily(
             "attention_http_requests",
             "HTTP requests by route and status",
@@ -262,7 +271,14 @@ class Metrics:
         )
         for variant, value, created in tokens:
             token_family.add_metric([variant], value, created=created)
-        yield from (request_family, latency_family, token_family)
+        grpc_family = CounterMetricFamily(
+            "attention_grpc_requests",
+            "gRPC calls by method and status code",
+            labels=["method", "code"],
+        )
+        for labels, value, created in grpc_calls:
+            grpc_family.add_metric(labels, value, created=created)
+        yield from (request_family, latency_family, token_family, grpc_family)
 
 
 class Tally:

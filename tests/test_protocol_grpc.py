@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
@@ -23,7 +24,7 @@ from service.engine import Engine
 from service.grpc_server import GrpcServer
 from service.observability import Metrics
 from service.settings import Settings
-from tests.conftest import free_port, live_server
+from tests.conftest import free_port, live_server, metric
 from tests.test_protocol_clients import (
     BATCH,
     CASES,
@@ -257,6 +258,12 @@ async def test_not_ready_is_unavailable_and_not_serving_until_it_is(in_process):
         assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
         answer = await stub.ModelInfer(infer_request(SINGLE))
         assert [output.name for output in answer.outputs] == list(OUTPUTS)
+
+    exposition = generate_latest(state.metrics.registry).decode()  # labels in name order
+    calls = "attention_grpc_requests_total"
+    assert metric(exposition, calls, code="UNAVAILABLE", method="ModelInfer") == 1
+    assert metric(exposition, calls, code="OK", method="ModelInfer") == 1
+    assert metric(exposition, calls, code="OK", method="Check") == 3
 
 
 async def test_a_saturated_service_is_resource_exhausted(in_process):
