@@ -369,7 +369,7 @@ def decode(body: bytes | bytearray, header: int | None) -> InferenceRequest:
     binary = memoryview(body)[header:] if header is not None else memoryview(b"")
     return InferenceRequest(
         inputs=binary_inputs(request.inputs, binary, header is not None),
-        parameters=own_parameters(request.parameters, ("binary_data_output",), "parameters"),
+        parameters=own_parameters(request.parameters, ("binary_data_output",)),
         outputs=requested_outputs(request.outputs),
         binary_outputs=binary_flag(request.parameters, "binary_data_output", "parameters"),
         id=request.id,
@@ -385,9 +385,7 @@ def binary_flag(parameters: dict[str, Scalar], name: str, where: str) -> bool:
     return value
 
 
-def own_parameters(
-    parameters: dict[str, Scalar], extension: tuple[str, ...], where: str
-) -> dict[str, Scalar]:
+def own_parameters(parameters: dict[str, Scalar], extension: tuple[str, ...]) -> dict[str, Scalar]:
     """The parameters but the binary extension's, which this module reads itself."""
     return {name: value for name, value in parameters.items() if name not in extension}
 
@@ -398,7 +396,7 @@ def requested_outputs(outputs: list[JsonOutput] | None) -> list[RequestedOutput]
     requested = []
     for output in outputs:
         where = f"output {output.name!r}"
-        extra = own_parameters(output.parameters, ("binary_data",), where)
+        extra = own_parameters(output.parameters, ("binary_data",))
         if extra:
             raise ProtocolError(
                 f"{where}: unknown parameters {sorted(extra)}; it takes binary_data"
@@ -417,7 +415,7 @@ def binary_inputs(
     tensors, offset = [], 0
     for tensor in inputs:
         where = f"input {tensor.name!r}"
-        extra = own_parameters(tensor.parameters, ("binary_data_size",), where)
+        extra = own_parameters(tensor.parameters, ("binary_data_size",))
         if extra:
             raise ProtocolError(
                 f"{where}: unknown parameters {sorted(extra)}; an input takes binary_data_size"
