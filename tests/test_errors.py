@@ -6,6 +6,7 @@ Limits are exercised on an app with tiny limits; their messages name the value, 
 environment variable that raises it.
 """
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,10 +36,20 @@ LIMITS = {
 SMALL_TEXT = {"embedding_dim": 4, "context_length": 64}
 
 
+# A JSON string, escapes included: what may hold spaces in a compact document.
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def is_compact_json(body: bytes) -> bool:
+    """No whitespace between the tokens, as FastAPI (and orjson) write JSON."""
+    return not re.search(rb"\s", JSON_STRING.sub(b'""', body))
+
+
 def errors_of(response: httpx.Response) -> list[dict[str, Any]]:
-    """The 422's detail list, checked to be FastAPI's usual form."""
+    """The 422's detail list, checked to be FastAPI's usual form, written compactly."""
     assert response.status_code == 422, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
+    assert is_compact_json(response.content), response.text
     detail = response.json()["detail"]
     assert isinstance(detail, list) and detail, detail
     for error in detail:
@@ -178,6 +189,18 @@ async def test_an_empty_matrix_is_refused(client, embeddings):
     assert "empty" in error["msg"] or "rows of numbers" in error["msg"], error
 
 
+@pytest.mark.parametrize("raw", [b"[]", b"[ ]", b"[\n]"])
+async def test_an_empty_list_is_named_empty_not_flat(client, raw):
+    response = await post_raw(client, "causal", b'{"embeddings": ' + raw + b"}")
+
+    error = only_error(response)
+    assert error == {
+        "type": "too_short",
+        "loc": ["body", "embeddings"],
+        "msg": "embeddings is an empty list: send at least one row of numbers (T x d_in)",
+    }
+
+
 async def test_a_flat_list_is_refused_as_such(client):
     response = await client.post("/attention/causal", json={"embeddings": [1, 2, 3]})
 
@@ -237,7 +260,21 @@ async def test_nan_and_infinity_literals_are_invalid_json(client, literal):
     error = only_error(response)
     assert error["type"] == "json_invalid"
     assert error["loc"] == ["body"]
-    assert "JSON" in error["msg"]
+    assert error["msg"].endswith("; NaN and Infinity are not JSON: send finite numbers"), error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"a=1&b=2", b'{"embeddings": [[1, 2]]', b'{"embeddings": [[1, 2],]}', b'{"text": Hi}'],
+    ids=["form", "unclosed", "trailing-comma", "bare-word"],
+)
+async def test_other_malformed_json_is_not_blamed_on_nan(client, body):
+    response = await post_raw(client, "simplified", body)
+
+    error = only_error(response)
+    assert error["type"] == "json_invalid"
+    assert error["msg"].startswith("the body is not valid JSON: "), error
+    assert "NaN" not in error["msg"], error
 
 
 @pytest.mark.parametrize(
