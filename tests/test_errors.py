@@ -6,6 +6,7 @@ Limits are exercised on an app with tiny limits; their messages name the value, 
 environment variable that raises it.
 """
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,10 +15,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from attention import VARIANTS as REGISTRY
 from service.main import create_app
 from service.settings import Settings
 
 VARIANTS = ("simplified", "self-attention", "causal", "multi-head")
+ALL_VARIANTS = tuple(REGISTRY)
 E = [[1.0, 2.0], [3.0, 4.0]]  # a valid 2 x 2 input
 E4 = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]  # d_in 4: fused multi-head's default fits
 JSON = {"content-type": "application/json"}
@@ -151,6 +154,64 @@ async def test_an_unknown_field_is_named_with_what_the_variant_accepts(client):
     assert "temperature" in error["msg"] and "unknown" in error["msg"]
     for accepted in ("embeddings", "text", "d_out", "seed", "dropout"):
         assert accepted in error["msg"], error
+
+
+# ---------------------------------------------------------------------------------------------
+# Content-Type: JSON or a 415
+
+NATIVE_PATHS = [f"/attention/{name}" for name in ALL_VARIANTS] + ["/attention/compare"]
+
+
+@pytest.mark.parametrize("path", NATIVE_PATHS)
+@pytest.mark.parametrize(
+    ("content_type", "detail"),
+    [
+        ("text/plain", "Content-Type 'text/plain' is not accepted: send application/json"),
+        (
+            "application/x-www-form-urlencoded",
+            "Content-Type 'application/x-www-form-urlencoded' is not accepted: "
+            "send application/json",
+        ),
+        (
+            "application/jsonx",
+            "Content-Type 'application/jsonx' is not accepted: send application/json",
+        ),
+        (
+            "application/json; charset=latin-1",
+            "charset 'latin-1' is not accepted: send application/json in UTF-8",
+        ),
+        (None, "the request has no Content-Type: send application/json"),
+    ],
+    ids=["text", "form", "jsonx", "latin-1", "none"],
+)
+async def test_a_body_that_is_not_labelled_json_is_a_415(client, path, content_type, detail):
+    # A JSON body the endpoint would take: only its label is wrong.
+    body = json.dumps({"embeddings": E4}).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+
+    response = await client.post(path, content=body, headers=headers)
+
+    assert response.status_code == 415, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": detail}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        'application/json; charset="utf-8"',
+        "Application/JSON",
+    ],
+)
+async def test_json_with_or_without_a_utf8_charset_is_accepted(client, content_type):
+    body = json.dumps({"embeddings": E4}).encode()
+
+    for path in ("/attention/causal", "/attention/compare"):
+        response = await client.post(path, content=body, headers={"content-type": content_type})
+        assert response.status_code == 200, (path, response.text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,7 +348,11 @@ def test_the_book_sentence_in_every_variant(page, server):
         )
         sent = json.loads(body)
         assert sent["text"] == BOOK_SENTENCE and sent["decimals"] == 4
-        answer = httpx.post(f"{server}{variant['path']}", content=body).json()
+        answer = httpx.post(
+            f"{server}{variant['path']}",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        ).json()
         weights = answer["attention_weights"]
         heads = weights if name in MULTI_HEAD else [weights]
         assert [token["text"] for token in answer["tokens"]] == BOOK_TOKENS
