@@ -1,12 +1,13 @@
 """The FastAPI application: `service.main:app`."""
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from starlette.concurrency import run_in_threadpool
 
 from service import errors
 from service.concurrency import ComputeSlots
@@ -16,6 +17,8 @@ from service.observability import Metrics, ObservabilityMiddleware, configure_lo
 from service.routes import attention, compare, health, inference_protocol, playground
 from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
+
+startup_log = logging.getLogger("service.startup")
 
 DESCRIPTION = """
 The attention mechanisms of *Build a Large Language Model From Scratch* (S. Raschka):
@@ -34,12 +37,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     engine = Engine(settings, count_tokens=metrics.count_tokens)
 
+    async def warm_up(app: FastAPI) -> None:
+        try:
+            await asyncio.to_thread(engine.warm_up)
+        except Exception as error:
+            startup_log.exception("the warm-up failed; the service will not become ready")
+            app.state.warm_up_error = f"{type(error).__name__}: {error}"
+        else:
+            app.state.ready = True
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(engine.warm_up)
-        app.state.ready = True
+        # The warm-up runs behind an open port: an orchestrator sees a live process (/healthz)
+        # that is not ready yet (/readyz 503), not a refused connection, which is also what a
+        # dead one gives. Requests before it is done are served, loading what they need.
+        warming = asyncio.create_task(warm_up(app))
         yield
         app.state.ready = False
+        # The thread cannot be interrupted: a stop during the warm-up leaves it to finish
+        # while the server winds down, and the interpreter waits for it on exit.
+        warming.cancel()
 
     # Swagger UI's assets are served from the installed package: /docs needs no network.
     app = FastAPIOffline(
@@ -53,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # A plain namespace rather than Starlette's State, which answers each attribute in its
     # __getattr__ after a failed lookup (~0.7 us): every computation reads two of them.
     app.state = SimpleNamespace(
+        ready=False,  # the warm-up is done (see lifespan)
+        warm_up_error=None,  # why it failed, if it did: /healthz then fails too
         engine=engine,
         metrics=metrics,
         compute_slots=ComputeSlots(

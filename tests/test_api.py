@@ -5,11 +5,8 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
-from service.main import create_app
-from service.settings import Settings
 from tests.contract import DEFAULTS, IMPLEMENTATIONS, SECTIONS, VARIANTS
 
 # Fields the service may add beyond API.md, accepted by every variant.
@@ -347,19 +344,3 @@ async def test_config_of_text_input_reports_the_embedding_parameters(client):
     assert config["embedding_dim"] == 8
     assert config["context_length"] == 1024
     assert config["embedding_seed"] == 123
-
-
-async def test_readyz_answers_503_until_the_lifespan_has_loaded_everything():
-    app = create_app(Settings())
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        before = await client.get("/readyz")  # ASGITransport runs no lifespan
-        async with app.router.lifespan_context(app):
-            during = await client.get("/readyz")
-        after = await client.get("/readyz")
-
-    assert before.status_code == 503
-    assert "loading" in before.json()["detail"]
-    assert during.status_code == 200
-    assert during.json() == {"status": "ready"}
-    assert after.status_code == 503

@@ -30,7 +30,7 @@ from ruamel.yaml import YAML  # installed with check-jsonschema
 
 ROOT = Path(__file__).resolve().parents[1]
 CMD = ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
-HEALTH_URL = "http://127.0.0.1:8000/healthz"
+HEALTH_URL = "http://127.0.0.1:8000/readyz"  # healthy once ready: the port opens before that
 STARTUP_TIMEOUT_S = 120
 STEP_TIMEOUT_S = 300
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused
@@ -396,18 +396,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
+    """Until /readyz is 200: the port opens before the warm-up, and /readyz is 503 meanwhile."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            status, _, body = get(f"{base_url}/healthz", timeout=2)
+            status, _, body = get(f"{base_url}/readyz", timeout=2)
+        except urllib.error.HTTPError as error:  # 503 while warming up
+            assert error.code == 503, error
+            time.sleep(0.5)
+            continue
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
             continue
-        assert (status, json.loads(body)) == (200, {"status": "ok"}), body
+        assert (status, json.loads(body)) == (200, {"status": "ready"}), body
         return
-    pytest.fail(f"/healthz never answered in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
+    pytest.fail(f"/readyz never answered 200 in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
 
 
 def test_image_serves_healthz(server: Server) -> None:

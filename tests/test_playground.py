@@ -173,6 +173,9 @@ def server() -> Iterator[str]:
         time.sleep(0.02)
     base = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{base}/healthz").status_code == 200
+    while httpx.get(f"{base}/readyz").status_code != 200:  # the port opens before the warm-up
+        assert thread.is_alive() and time.monotonic() < deadline + 60, "never ready"
+        time.sleep(0.05)
     yield base
     server.should_exit = True
     thread.join(15)
