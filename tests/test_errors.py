@@ -477,7 +477,7 @@ async def test_v1_has_no_bias(client):
 @pytest.mark.parametrize(
     ("variant", "valid"), [("self-attention", ("v2", "v1")), ("multi-head", ("fused", "wrapper"))]
 )
-@pytest.mark.parametrize("implementation", ["v3", "", "V2", 2, None])
+@pytest.mark.parametrize("implementation", ["v3", "", "V2", 2])
 async def test_an_unknown_implementation_lists_the_valid_ones(
     client, variant, valid, implementation
 ):
@@ -501,7 +501,6 @@ async def test_an_unknown_implementation_lists_the_valid_ones(
         ("causal", "seed", "1"),
         ("causal", "seed", 1.5),
         ("causal", "seed", True),
-        ("causal", "seed", None),
         ("causal", "seed", -1),
         ("causal", "seed", 2**64),
         ("causal", "seed", 10**30),
@@ -515,7 +514,8 @@ async def test_an_unknown_implementation_lists_the_valid_ones(
         ("causal", "qkv_bias", 0),
         ("causal", "d_out", 0),
         ("causal", "d_out", -2),
-        ("causal", "d_out", 2.0),
+        ("causal", "d_out", 2.5),
+        ("multi-head", "num_heads", 1.5),
         ("multi-head", "num_heads", 0),
         ("multi-head", "num_heads", "2"),
         ("simplified", "decimals", 9),
@@ -570,6 +570,128 @@ async def test_an_unknown_variant_is_a_404_listing_the_valid_ones(client):
     assert "nope" in detail
     for name in VARIANTS:
         assert name in detail, detail
+
+
+@pytest.mark.parametrize(
+    ("variant", "body", "alone"),
+    [
+        ("causal", {"embeddings": E4, "text": None}, {"embeddings": E4}),
+        (
+            "causal",
+            {"text": "Hi", "embeddings": None, "embedding_dim": 4},
+            {"text": "Hi", "embedding_dim": 4},
+        ),
+        (
+            "causal",
+            {"text": "Hi", "attention_mask": None, "embedding_dim": 4},
+            {"text": "Hi", "embedding_dim": 4},
+        ),
+        (
+            "causal",
+            {"embeddings": E4, "embedding_dim": None, "context_length": None},
+            {"embeddings": E4},
+        ),
+        ("causal", {"embeddings": E4, "attention_mask": None}, {"embeddings": E4}),
+        (
+            "multi-head",
+            {"embeddings": E4, "seed": None, "num_heads": None, "d_out": None},
+            {"embeddings": E4},
+        ),
+        (
+            "self-attention",
+            {"embeddings": E4, "implementation": None, "qkv_bias": None},
+            {"embeddings": E4},
+        ),
+        (
+            "simplified",
+            {"embeddings": E4, "return_weights": None, "decimals": None},
+            {"embeddings": E4},
+        ),
+        ("latent", {"embeddings": E4, "latent_dim": None, "include": None}, {"embeddings": E4}),
+        (
+            "grouped-query",
+            {"embeddings": E4, "num_kv_groups": None, "parameters": None},
+            {"embeddings": E4},
+        ),
+    ],
+    ids=[
+        "text",
+        "embeddings",
+        "mask-with-text",
+        "text-parameters",
+        "mask",
+        "defaults",
+        "implementation",
+        "return_weights",
+        "latent",
+        "groups",
+    ],
+)
+async def test_a_null_is_the_field_left_out(client, variant, body, alone):
+    """Every field of the variant may be null, as a client generated from the document (where
+    each is optional) sends the ones it leaves unset."""
+    with_nulls = await client.post(f"/attention/{variant}", json=body)
+    without = await client.post(f"/attention/{variant}", json=alone)
+
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json() == without.json()
+
+
+async def test_a_null_of_a_field_the_variant_does_not_take_is_still_refused(client):
+    response = await client.post("/attention/simplified", json={"embeddings": E4, "seed": None})
+
+    error = only_error(response)
+    assert error["loc"] == ["body", "seed"] and error["type"] == "extra_forbidden", error
+
+
+@pytest.mark.parametrize(
+    ("variant", "fields", "resolved"),
+    [
+        ("causal", {"d_out": 2.0, "seed": 789.0}, {"d_out": 2, "seed": 789}),
+        ("multi-head", {"num_heads": 1.0, "decimals": 3.0}, {"num_heads": 1, "decimals": 3}),
+        ("grouped-query", {"d_out": 4.0, "num_kv_groups": 2.0}, {"num_kv_groups": 2}),
+        ("latent", {"latent_dim": 2e0}, {"latent_dim": 2}),
+        ("sliding-window", {"window_size": 3.0}, {"window_size": 3}),
+    ],
+)
+async def test_a_whole_number_with_a_fraction_of_zeros_is_that_integer(
+    client, variant, fields, resolved
+):
+    """JSON Schema's `integer` is any whole number, so the document admits 2.0: so does the
+    service, as 2."""
+    response = await client.post(f"/attention/{variant}", json={"embeddings": E4, **fields})
+
+    assert response.status_code == 200, response.text
+    config = response.json()["config"]
+    for name, value in resolved.items():
+        assert config[name] == value and type(config[name]) is int, (name, config)
+
+
+async def test_a_text_parameter_as_a_whole_float_is_that_integer(client):
+    response = await client.post(
+        "/attention/simplified",
+        json={"text": "Hi", "embedding_dim": 4.0, "context_length": 8.0, "embedding_seed": 1.0},
+    )
+
+    assert response.status_code == 200, response.text
+    config = response.json()["config"]
+    assert (config["embedding_dim"], config["context_length"], config["embedding_seed"]) == (
+        4,
+        8,
+        1,
+    )
+
+
+async def test_a_mask_of_whole_floats_is_a_mask(client):
+    batch = [E4, E4]
+    with_floats = {"embeddings": batch, "attention_mask": [[1.0, 1.0], [1.0, 0.0]]}
+    with_ints = {"embeddings": batch, "attention_mask": [[1, 1], [1, 0]]}
+
+    floats = await client.post("/attention/causal", json=with_floats)
+    ints = await client.post("/attention/causal", json=with_ints)
+
+    assert floats.status_code == 200, floats.text
+    assert floats.json() == ints.json()
 
 
 # ---------------------------------------------------------------------------------------------
