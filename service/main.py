@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import errors
+from service import errors, openapi
 from service.concurrency import ComputeSlots
 from service.engine import Engine
 from service.fast_lane import FastLane
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_routes.router)
     app.include_router(inference_protocol.router)
     app.include_router(playground.router)
+    openapi.install(app, settings)  # the request bodies, exact for these settings
     own_body_routes = [
         route
         for router in (compare.router, attention.router)
