@@ -13,7 +13,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -139,18 +138,11 @@ AttentionMask = Annotated[
 ]
 
 
-def _whole_number(value: Any) -> Any:
-    """JSON has one kind of number, and JSON Schema's `integer` is any whole one: 2.0 is taken
-    as 2. 2.5, "2" and true are still refused (the models are strict)."""
-    if type(value) is float and value.is_integer():
-        return int(value)
-    return value
-
-
 def whole(**bounds: int | None) -> Any:
-    """An integer field within `bounds` (ge, le): a whole number, with or without a fraction of
-    zeros. The bounds come first, so that the JSON schema states them as minimum and maximum."""
-    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+    """An integer field within `bounds` (ge, le). Inside the Annotated type, so that the JSON
+    schema states them as minimum and maximum even where the field is `| None`. A float with
+    no fraction is made an int before validation (RequestBase.as_json_schema_reads_it)."""
+    return Annotated[int, Field(**bounds)]
 
 
 Seed = whole(ge=0, le=MAX_SEED)
@@ -200,13 +192,32 @@ class RequestBase(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def null_is_absent(cls, values: Any) -> Any:
-        """A null is the field left out, whichever the field: a client generated from the
-        OpenAPI document, where every field is optional, may send one for each it leaves
-        unset (`"text": null` beside `embeddings`, say)."""
-        if isinstance(values, dict) and any(value is None for value in values.values()):
-            return {name: value for name, value in values.items() if value is not None}
-        return values
+    def as_json_schema_reads_it(cls, values: Any) -> Any:
+        """Read the body as JSON Schema (and so the OpenAPI document) reads it:
+
+        - a null is the field left out, whichever the field: a client generated from the
+          document, where every field is optional, may send one for each it leaves unset
+          (`"text": null` beside `embeddings`, say);
+        - an integer field takes any whole number: JSON has one kind of number, and JSON
+          Schema's `integer` is 2.0 as well as 2. 2.5, "2" and true are still refused (the
+          models are strict).
+
+        One pass over the values finds nothing to do in the common case.
+        """
+        if type(values) is not dict:
+            return values
+        for value in values.values():
+            if value is None or type(value) is float:
+                break
+        else:
+            return values
+        return {
+            name: int(value)
+            if type(value) is float and name in INTEGER_FIELDS and value.is_integer()
+            else value
+            for name, value in values.items()
+            if value is not None
+        }
 
     embeddings: Embeddings | None = None
     text: Text | None = Field(
@@ -240,6 +251,19 @@ class RequestBase(BaseModel):
     embedding_seed: Seed = Field(123, description="`text` input: seed of the embedding tables")
 
 
+# The integer fields of every model (a variant's own parameters are all whole numbers).
+INTEGER_FIELDS = frozenset(
+    (
+        "decimals",
+        "embedding_dim",
+        "context_length",
+        "embedding_seed",
+        "d_out",
+        "num_heads",
+        "seed",
+        *(option.name for variant in VARIANTS.values() for option in variant.options),
+    )
+)
 TEXT_PARAMETERS = ("embedding_dim", "context_length", "embedding_seed")
 EMBEDDINGS_PARAMETERS = ("attention_mask",)
 
