@@ -62,6 +62,8 @@ def require_media_type(scope: Scope, accepted: tuple[str, ...]) -> None:
     value = None
     for name, header in scope["headers"]:
         if name == b"content-type":
+            if header in exact_headers(accepted):  # the common case, with nothing to parse
+                return
             value = header.decode("latin-1")
             break
     wanted = " or ".join(accepted)
@@ -77,6 +79,12 @@ def require_media_type(scope: Scope, accepted: tuple[str, ...]) -> None:
         charset = charset.strip().strip('"').lower()
         if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
             raise HTTPException(415, f"charset {charset!r} is not accepted: send {wanted} in UTF-8")
+
+
+@functools.cache
+def exact_headers(accepted: tuple[str, ...]) -> frozenset[bytes]:
+    """The Content-Type values that are an accepted type as it is written, bare."""
+    return frozenset(media_type.encode() for media_type in accepted)
 
 
 async def read_body(request: Request, limit: int) -> bytes | bytearray:
