@@ -1,5 +1,8 @@
 import json
 import re
+import signal
+import socket
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -44,3 +47,23 @@ def metric(text: str, name: str, **labels: str) -> float:
     pattern = rf"^{name}\{{{wanted}\}} (\S+)$" if labels else rf"^{name} (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """A server this test started, stopped as an orchestrator would: SIGTERM, then a kill if
+    it has not exited within 30 s."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

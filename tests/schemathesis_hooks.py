@@ -22,6 +22,8 @@ from typing import Any
 
 import schemathesis
 
+from tests.contract import MULTI_HEAD, VARIANTS
+
 # The settings the fuzzed server runs with (as ATTENTION_* variables). Small, so that every
 # generated case computes in milliseconds, and below the defaults where that is telling:
 # embedding_dim (256 by default) is then required in the document.
@@ -42,17 +44,8 @@ assert LARGEST_WEIGHTS * 64 < 32 * 2**20, "the float limits could bind: add thei
 DEFAULT_EMBEDDING_DIM = 256
 DEFAULT_CONTEXT_LENGTH = 1024
 DEFAULT_NUM_HEADS = 2
-VARIANTS = (
-    "simplified",
-    "self-attention",
-    "causal",
-    "multi-head",
-    "grouped-query",
-    "sliding-window",
-    "latent",
-)
 # The variants whose heads split d_out (multi-head's `fused`, the bonus variants).
-SPLIT_HEADS = ("multi-head", "grouped-query", "sliding-window", "latent")
+SPLIT_HEADS = MULTI_HEAD
 
 
 @schemathesis.hook

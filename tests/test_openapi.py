@@ -14,6 +14,7 @@ import pytest
 
 from service.main import create_app
 from service.settings import Settings
+from tests.contract import VARIANTS
 
 E4 = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]  # T 2, d_in 4
 BATCH = [E4, E4]
@@ -198,15 +199,7 @@ def test_no_pydantic_constraint_is_left_in_pydantic_spelling(app):
     assert not keywords(app.openapi()["paths"]) & {"ge", "le", "gt", "lt"}
 
 
-VARIANT_NAMES = (
-    "simplified",
-    "self-attention",
-    "causal",
-    "multi-head",
-    "grouped-query",
-    "sliding-window",
-    "latent",
-)
+VARIANT_NAMES = VARIANTS
 SMALL = Settings(
     max_tokens=5,
     max_batch_size=3,

@@ -24,18 +24,12 @@ import pytest
 
 from service.main import create_app
 from service.settings import Settings
-from tests.conftest import BOOK
+from tests.conftest import BOOK, free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60  # importing torch, on a busy 2-core machine
 READY_TIMEOUT_S = 60  # the GPT-2 encoding and a 50257 x 256 table, after the gate opens
 NOT_READY = {"detail": "loading the encoding and embedding tables"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, dict]:
@@ -96,13 +90,7 @@ def held_server(tmp_path: Path) -> Iterator[Server]:
         yield Server(process, f"http://127.0.0.1:{port}", gate, log)
     finally:
         gate.touch()  # a held warm-up would otherwise keep the interpreter from exiting
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def test_the_port_opens_before_the_warm_up_and_readyz_says_when_it_is_done(held_server):
