@@ -49,7 +49,10 @@ FINITE = {
 }
 NULL = {"type": "null"}
 INPUTS = ("embeddings", "text")
-NULL_IS_ABSENT = "Null, here as for every field, is the same as leaving the field out."
+READING = (
+    "A null, for any field, is the same as leaving the field out; an integer is any whole "
+    "number (2.0 is 2). "
+)
 
 
 def nullable(schema: Schema) -> Schema:
@@ -391,7 +394,7 @@ def request_schema(variant: Variant, settings: Settings) -> Schema:
     fields, required = own_fields(properties, settings)
     description = (
         "Exactly one input: `embeddings` (a matrix, or a batch with an optional "
-        "`attention_mask`) or `text`, and the fields of this variant. " + LIMITS
+        "`attention_mask`) or `text`, and the fields of this variant. " + READING + LIMITS
     )
     return body_schema(fields, required, settings, configuration_rules(variant), description)
 
@@ -423,6 +426,7 @@ def compare_schema(settings: Settings) -> Schema:
         "One input, as each variant's endpoint takes it, and the union of the variants' "
         "fields; each variant gets those that apply to it. `d_out` divides by `num_heads` and "
         "`num_kv_groups` divides `num_heads` when the variants that need it are compared. "
+        + READING
         + LIMITS.replace("the answer", "all the answers together")
     )
     return body_schema(fields, required, settings, compare_rules(), description)
