@@ -54,10 +54,13 @@ class Client:
 
 
 @contextmanager
-def server(app: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
-    """The app served by uvicorn on loopback, its output (the service's access log: one line
-    per request, tens of thousands here) going to a file, as a deployment's would go to its log
-    collector rather than to this benchmark's console."""
+def server(
+    app: str, env: dict[str, str] | None = None, ready: str = "/readyz"
+) -> Iterator[tuple[str, int]]:
+    """The app served by uvicorn on loopback, once `ready` answers 200 (the service opens its
+    port before its warm-up, which must not overlap the measurements), its output (the
+    service's access log: one line per request, tens of thousands here) going to a file, as a
+    deployment's would go to its log collector rather than to this benchmark's console."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--host", HOST, "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
@@ -73,14 +76,16 @@ def server(app: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, i
             while True:
                 try:
                     client = Client(url)
-                    if client.request("GET", "/healthz")[0] == 200:
-                        client.close()
+                    status = client.request("GET", ready)[0]
+                    client.close()
+                    if status == 200:
                         break
                 except OSError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        log.seek(0)
-                        raise RuntimeError(f"{app} did not start:\n{log.read()[-4000:]}") from None
-                    time.sleep(0.2)
+                    pass
+                if time.monotonic() > deadline or process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{app} was not ready:\n{log.read()[-4000:]}")
+                time.sleep(0.2)
             yield url, process.pid
         finally:
             process.terminate()
@@ -353,7 +358,7 @@ def main() -> None:
         large_answer(url)
         status, answer = Client(url).request("POST", "/attention/self-attention", BOOK_BODY)
         assert status == 200
-        bare = server("bench.bare_app:app", {"BARE_ANSWER": answer.decode()})
+        bare = server("bench.bare_app:app", {"BARE_ANSWER": answer.decode()}, ready="/healthz")
         with bare as (bare_url, bare_pid):
             small_answer(url, bare_url)
             throughput(url, bare_url, pid, bare_pid)

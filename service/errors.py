@@ -24,7 +24,7 @@ def json_response(status_code: int, content: Any, headers: dict[str, str] | None
     try:
         body = orjson.dumps(content, default=repr)
     except orjson.JSONEncodeError:  # integers beyond 64 bits, which only the stdlib writes
-        body = json.dumps(content, default=repr).encode()
+        body = json.dumps(content, default=repr, separators=(",", ":")).encode()
     return Response(
         body,
         status_code=status_code,

@@ -300,9 +300,13 @@ class GrpcServer:
     async def start(self) -> None:
         """Listening at once: the server as a whole ("") is SERVING, for liveness; the
         inference service NOT_SERVING until `set_serving(True)`, for readiness."""
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.set_alive(True)
         await self.set_serving(False)
         await self.server.start()
+
+    async def set_alive(self, alive: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        await self.health.set("", status.SERVING if alive else status.NOT_SERVING)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse

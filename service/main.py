@@ -1,14 +1,15 @@
 """The FastAPI application: `service.main:app`."""
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from starlette.concurrency import run_in_threadpool
 
-from service import errors
+from service import errors, openapi
 from service.concurrency import ComputeSlots
 from service.engine import Engine
 from service.fast_lane import FastLane
@@ -18,6 +19,7 @@ from service.routes import attention, compare, health, inference_protocol, playg
 from service.routes import metrics as metrics_routes
 from service.settings import Settings, get_settings
 
+startup_log = logging.getLogger("service.startup")
 # How long calls in flight may take to finish once the app stops (uvicorn has drained HTTP).
 GRPC_STOP_GRACE_SECONDS = 10
 
@@ -38,18 +40,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     engine = Engine(settings, count_tokens=metrics.count_tokens)
 
+    async def warm_up(app: FastAPI, grpc: GrpcServer | None) -> None:
+        try:
+            await asyncio.to_thread(engine.warm_up)
+        except Exception as error:
+            startup_log.exception("the warm-up failed; the service will not become ready")
+            app.state.warm_up_error = f"{type(error).__name__}: {error}"
+            if grpc is not None:
+                await grpc.set_alive(False)  # as /healthz: the orchestrator restarts it
+        else:
+            app.state.ready = True
+            if grpc is not None:
+                await grpc.set_serving(True)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The gRPC service listens from the start, answering NOT_SERVING until ready.
+        # The warm-up runs behind open ports: an orchestrator sees a live process (/healthz,
+        # the gRPC server's health) that is not ready yet (/readyz 503, the inference service
+        # NOT_SERVING), not a refused connection, which is also what a dead one gives. Requests
+        # before it is done are served, loading what they need.
         grpc = GrpcServer(settings, app.state, app.version) if settings.grpc_port else None
         if grpc is not None:
             await grpc.start()
-        await run_in_threadpool(engine.warm_up)
-        app.state.ready = True
-        if grpc is not None:
-            await grpc.set_serving(True)
+        warming = asyncio.create_task(warm_up(app, grpc))
         yield
         app.state.ready = False
+        # The thread cannot be interrupted: a stop during the warm-up leaves it to finish
+        # while the server winds down, and the interpreter waits for it on exit.
+        warming.cancel()
         if grpc is not None:
             await grpc.stop(GRPC_STOP_GRACE_SECONDS)
 
@@ -65,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # A plain namespace rather than Starlette's State, which answers each attribute in its
     # __getattr__ after a failed lookup (~0.7 us): every computation reads two of them.
     app.state = SimpleNamespace(
+        ready=False,  # the warm-up is done (see lifespan)
+        warm_up_error=None,  # why it failed, if it did: /healthz then fails too
         engine=engine,
         metrics=metrics,
         compute_slots=ComputeSlots(
@@ -78,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_routes.router)
     app.include_router(inference_protocol.router)
     app.include_router(playground.router)
+    openapi.install(app, settings)  # the request bodies, exact for these settings
     own_body_routes = [
         route
         for router in (compare.router, attention.router)

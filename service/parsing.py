@@ -25,6 +25,10 @@ from service.schemas import ALL_PARAMETERS, RequestBase, accepted_fields, reques
 
 MATRIX_TYPES = {2: list[list[float]], 3: list[list[list[float]]]}
 INDEX = re.compile(r"\[(\d+)\]")
+# Where msgspec stopped in a malformed body, and the literals some encoders write for floats
+# that JSON has no words for: msgspec stops on their first letter but one (`nan`) or on it.
+MALFORMED_AT = re.compile(r"\(byte (\d+)\)")
+NON_FINITE_LITERAL = re.compile(rb"(?i)(nan|inf(inity)?)(?![A-Za-z])")
 LONE_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])")
 
 
@@ -51,9 +55,22 @@ def decode_fields(body: bytes | bytearray) -> dict[str, msgspec.Raw]:
     except msgspec.DecodeError as error:
         if LONE_HIGH_SURROGATE.search(body):  # msgspec reports these as "truncated"
             message = "a string holds a lone surrogate escape (\\uD800-\\uDBFF without its pair)"
+        elif non_finite_literal_at(body, str(error)):
+            message = f"{error}; NaN and Infinity are not JSON: send finite numbers"
         else:
-            message = f"{error}; note that NaN and Infinity are not JSON"
+            message = str(error)
         raise invalid((), f"the body is not valid JSON: {message}", "json_invalid") from None
+
+
+def non_finite_literal_at(body: bytes | bytearray, error: str) -> bool:
+    """Whether msgspec stopped on a NaN or Infinity literal (any case, signed or not)."""
+    match = MALFORMED_AT.search(error)
+    if match is None:
+        return False
+    start = int(match.group(1))
+    while 0 < start <= len(body) and chr(body[start - 1]).isalpha():  # back to the word's start
+        start -= 1
+    return NON_FINITE_LITERAL.match(body, start) is not None
 
 
 def nesting_depth(raw: bytes) -> int:
@@ -73,6 +90,12 @@ def decode_embeddings(raw: bytes) -> np.ndarray:
     if depth not in MATRIX_TYPES:
         if raw.strip() == b"null":
             raise invalid(("embeddings",), "embeddings is null: send rows of numbers or omit it")
+        if depth == 1 and raw.strip()[1:].strip() == b"]":
+            raise invalid(
+                ("embeddings",),
+                "embeddings is an empty list: send at least one row of numbers (T x d_in)",
+                "too_short",
+            )
         raise invalid(
             ("embeddings",),
             "embeddings must be a list of rows of numbers (T x d_in) or a batch of such "

@@ -9,7 +9,17 @@ from functools import cache
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model
+from fastapi.exceptions import RequestValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from attention import STEPS, VARIANTS, Variant
@@ -91,7 +101,7 @@ def _checked_attention_mask(value: Any) -> np.ndarray:
         mask = np.array(value)
     except ValueError:  # ragged
         mask = None
-    well_formed = mask is not None and mask.ndim == 2 and mask.dtype.kind in "bi" and mask.size
+    well_formed = mask is not None and mask.ndim == 2 and mask.dtype.kind in "bif" and mask.size
     if well_formed and ((mask == 0) | (mask == 1)).all():
         return mask.astype(bool)
     width = len(value[0])
@@ -104,8 +114,9 @@ def _checked_attention_mask(value: Any) -> np.ndarray:
                 {"row": row_index, "length": len(row), "width": width},
             )
         for column, entry in enumerate(row):
-            # `type(...) in` rather than isinstance: 1.0 is no mask value, and True is no int.
-            if type(entry) not in (int, bool) or entry not in (0, 1):
+            # `type(...) in` rather than isinstance: "1" is no mask value. 1.0 is 1, as JSON
+            # Schema has it.
+            if type(entry) not in (int, bool, float) or entry not in (0, 1):
                 raise PydanticCustomError(
                     "value_error",
                     "attention_mask[{row}][{column}] is {entry}: use 1 (or true) for a real "
@@ -126,13 +137,87 @@ AttentionMask = Annotated[
     ),
 ]
 
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+def whole(**bounds: int | None) -> Any:
+    """An integer field within `bounds` (ge, le). Inside the Annotated type, so that the JSON
+    schema states them as minimum and maximum even where the field is `| None`. A float with
+    no fraction is made an int before validation (RequestBase.as_json_schema_reads_it)."""
+    return Annotated[int, Field(**bounds)]
+
+
+Seed = whole(ge=0, le=MAX_SEED)
+
+
+def _holds_a_boolean(value: Any) -> bool:
+    """Whether a weight, as lists of numbers, holds a boolean, which numpy would take as 1 or 0
+    when it sits among numbers. Checked by C iteration over each innermost list."""
+    if type(value) is bool:
+        return True
+    if type(value) is not list:
+        return False
+    if value and type(value[0]) is list:
+        return any(_holds_a_boolean(row) for row in value)
+    return bool in map(type, value)
+
+
+def _weights_without_booleans(
+    parameters: dict[str, Any], loc: tuple[Any, ...] = ("body", "parameters")
+) -> dict[str, Any]:
+    """Supplied weights are numbers: a boolean among them is refused, not read as 1 or 0.
+    Their names and shapes are checked against the configuration later (service.engine).
+
+    Raised as the 422 itself, rather than as pydantic's error, so that `loc` names the weight.
+    """
+    for name, value in parameters.items():
+        if name == "heads" and type(value) is list:
+            for index, head in enumerate(value):
+                if isinstance(head, dict):
+                    _weights_without_booleans(head, (*loc, name, index))
+            continue
+        data = value.get("data") if isinstance(value, dict) else value
+        if _holds_a_boolean(data):
+            error = {
+                "type": "float_type",
+                "loc": (*loc, name),
+                "msg": f"{name} holds a boolean; weights are numbers",
+            }
+            raise RequestValidationError([error])
+    return parameters
 
 
 class RequestBase(BaseModel):
     """Fields every variant accepts."""
 
     model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def as_json_schema_reads_it(cls, values: Any) -> Any:
+        """Read the body as JSON Schema (and so the OpenAPI document) reads it:
+
+        - a null is the field left out, whichever the field: a client generated from the
+          document, where every field is optional, may send one for each it leaves unset
+          (`"text": null` beside `embeddings`, say);
+        - an integer field takes any whole number: JSON has one kind of number, and JSON
+          Schema's `integer` is 2.0 as well as 2. 2.5, "2" and true are still refused (the
+          models are strict).
+
+        One pass over the values finds nothing to do in the common case.
+        """
+        if type(values) is not dict:
+            return values
+        for value in values.values():
+            if value is None or type(value) is float:
+                break
+        else:
+            return values
+        return {
+            name: int(value)
+            if type(value) is float and name in INTEGER_FIELDS and value.is_integer()
+            else value
+            for name, value in values.items()
+            if value is not None
+        }
 
     embeddings: Embeddings | None = None
     text: Text | None = Field(
@@ -152,38 +237,47 @@ class RequestBase(BaseModel):
         description="false leaves `attention_weights` out and lets the service use a fused "
         "kernel that never holds the T x T matrix",
     )
-    decimals: int | None = Field(
+    decimals: whole(ge=0, le=8) | None = Field(
         None,
-        ge=0,
-        le=8,
         description="round every number of the answer to this many decimals (the book prints 4)",
     )
-    embedding_dim: int = Field(
-        256, ge=1, description="`text` input: size of the token and positional embeddings (d_in)"
+    embedding_dim: whole(ge=1) = Field(
+        256, description="`text` input: size of the token and positional embeddings (d_in)"
     )
-    context_length: int = Field(
+    context_length: whole(ge=1) = Field(
         1024,
-        ge=1,
         description="`text` input: rows of the positional embedding table; more tokens is a 422",
     )
     embedding_seed: Seed = Field(123, description="`text` input: seed of the embedding tables")
 
 
+# The integer fields of every model (a variant's own parameters are all whole numbers).
+INTEGER_FIELDS = frozenset(
+    (
+        "decimals",
+        "embedding_dim",
+        "context_length",
+        "embedding_seed",
+        "d_out",
+        "num_heads",
+        "seed",
+        *(option.name for variant in VARIANTS.values() for option in variant.options),
+    )
+)
 TEXT_PARAMETERS = ("embedding_dim", "context_length", "embedding_seed")
 EMBEDDINGS_PARAMETERS = ("attention_mask",)
 
 # The variant parameters, each described once; a variant's model takes those it lists.
 PARAMETER_FIELDS: dict[str, tuple[Any, Any]] = {
     "d_out": (
-        int | None,
+        whole(ge=1) | None,
         Field(
             None,
-            ge=1,
             description="output size of the query/key/value projections (per head for the "
             "wrapper, total for fused); defaults to d_in",
         ),
     ),
-    "num_heads": (int, Field(2, ge=1, description="number of attention heads")),
+    "num_heads": (whole(ge=1), Field(2, description="number of attention heads")),
     "seed": (
         Seed,
         Field(
@@ -194,7 +288,7 @@ PARAMETER_FIELDS: dict[str, tuple[Any, Any]] = {
     ),
     "qkv_bias": (bool, Field(False, description="bias in the query/key/value projections")),
     "parameters": (
-        dict[str, Any] | None,
+        Annotated[dict[str, Any], AfterValidator(_weights_without_booleans)] | None,
         Field(
             None,
             description="weights to compute with instead of the seeded ones, named and shaped "
@@ -236,11 +330,10 @@ def request_model(variant: Variant) -> type[RequestBase]:
         name: PARAMETER_FIELDS[name] for name in variant.parameters if name in PARAMETER_FIELDS
     }
     for option in variant.options:
+        bounded = whole(ge=option.minimum, le=option.maximum)
         fields[option.name] = (
-            int if option.default is not None else int | None,
-            Field(
-                option.default, ge=option.minimum, le=option.maximum, description=option.description
-            ),
+            bounded if option.default is not None else bounded | None,
+            Field(option.default, description=option.description),
         )
     if "implementation" in variant.parameters:
         choices = variant.implementation_names

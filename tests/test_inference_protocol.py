@@ -5,6 +5,7 @@ The binary bodies here are built and read by our own few lines, from the extensi
 (a JSON header of Inference-Header-Content-Length bytes, then the raw little-endian tensors);
 tests/test_protocol_clients.py holds the service to the real clients."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -402,6 +403,11 @@ async def test_server_and_models_are_ready_only_after_the_lifespan():
     async with client_of(app) as client:
         before = [await client.get("/v2/health/ready"), await client.get("/v2/models/causal/ready")]
         async with app.router.lifespan_context(app):
+            # The warm-up runs behind the open port: ready once it is done.
+            for _ in range(1200):
+                if (await client.get("/v2/health/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
             after = [
                 await client.get("/v2/health/ready"),
                 await client.get("/v2/models/causal/ready"),

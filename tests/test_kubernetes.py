@@ -7,6 +7,7 @@ liveness and readiness routes and answer as the probes expect, the ports are the
 environment names are real settings with valid values, and the objects point at one another.
 """
 
+import asyncio
 import re
 import socket
 from pathlib import Path
@@ -204,6 +205,11 @@ async def test_the_probes_answer_as_kubernetes_expects() -> None:
         assert (await client.get(probe_path("startupProbe"))).status_code == 200
         assert (await client.get(probe_path("readinessProbe"))).status_code >= 400
         async with app.router.lifespan_context(app):
+            # The warm-up runs behind the open port: readiness follows once it is done.
+            for _ in range(1200):
+                if (await client.get(probe_path("readinessProbe"))).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
             for name in ["startupProbe", "readinessProbe"]:
                 response = await client.get(probe_path(name))
                 assert 200 <= response.status_code < 400, (name, response.text)

@@ -150,7 +150,17 @@ async def test_the_wrapper_takes_its_parameters_per_head(client):
 
 @pytest.mark.parametrize(
     "value",
-    ["x", [["a"]] * 3, [[True]] * 3, [[1.0], [2.0, 3.0], [4.0]], [[1e39]] * 3, None, {"x": 1}],
+    [
+        "x",
+        [["a"]] * 3,
+        [[True]] * 3,
+        [[1.0], [True], [2.0]],  # numpy would read it as 1.0
+        {"data": [[1.0], [False], [2.0]]},
+        [[1.0], [2.0, 3.0], [4.0]],
+        [[1e39]] * 3,
+        None,
+        {"x": 1},
+    ],
 )
 async def test_a_matrix_that_is_not_finite_numbers_is_a_422(client, value):
     parameters = {"W_query": value, "W_key": [[1.0]] * 3, "W_value": [[1.0]] * 3}

@@ -173,6 +173,9 @@ def server() -> Iterator[str]:
         time.sleep(0.02)
     base = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{base}/healthz").status_code == 200
+    while httpx.get(f"{base}/readyz").status_code != 200:  # the port opens before the warm-up
+        assert thread.is_alive() and time.monotonic() < deadline + 60, "never ready"
+        time.sleep(0.05)
     yield base
     server.should_exit = True
     thread.join(15)
@@ -348,7 +351,11 @@ def test_the_book_sentence_in_every_variant(page, server):
         )
         sent = json.loads(body)
         assert sent["text"] == BOOK_SENTENCE and sent["decimals"] == 4
-        answer = httpx.post(f"{server}{variant['path']}", content=body).json()
+        answer = httpx.post(
+            f"{server}{variant['path']}",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        ).json()
         weights = answer["attention_weights"]
         heads = weights if name in MULTI_HEAD else [weights]
         assert [token["text"] for token in answer["tokens"]] == BOOK_TOKENS

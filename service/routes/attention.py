@@ -47,6 +47,46 @@ async def list_variants() -> list[VariantInfo]:
     return [variant_info(variant) for variant in VARIANTS.values()]
 
 
+# The media type of every body the native endpoints read. JSON is UTF-8 (RFC 8259), so a charset
+# parameter may say so and nothing else.
+JSON_MEDIA_TYPES = ("application/json",)
+
+
+def require_media_type(scope: Scope, accepted: tuple[str, ...]) -> None:
+    """A 415 naming the accepted types unless the body's Content-Type is one of `accepted`
+    (compared without case; a `charset=utf-8` parameter allowed, other parameters ignored).
+
+    Read off the scope, as `declared_length` reads the length: a body sent as text/plain, as a
+    form or with no type at all is refused rather than parsed as JSON on a guess.
+    """
+    value = None
+    for name, header in scope["headers"]:
+        if name == b"content-type":
+            if header in exact_headers(accepted):  # the common case, with nothing to parse
+                return
+            value = header.decode("latin-1")
+            break
+    wanted = " or ".join(accepted)
+    if value is None:
+        raise HTTPException(415, f"the request has no Content-Type: send {wanted}")
+    media_type, *parameters = value.split(";")
+    if media_type.strip().lower() not in accepted:
+        raise HTTPException(
+            415, f"Content-Type {media_type.strip()!r} is not accepted: send {wanted}"
+        )
+    for parameter in parameters:
+        key, _, charset = parameter.partition("=")
+        charset = charset.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise HTTPException(415, f"charset {charset!r} is not accepted: send {wanted} in UTF-8")
+
+
+@functools.cache
+def exact_headers(accepted: tuple[str, ...]) -> frozenset[bytes]:
+    """The Content-Type values that are an accepted type as it is written, bare."""
+    return frozenset(media_type.encode() for media_type in accepted)
+
+
 async def read_body(request: Request, limit: int) -> bytes | bytearray:
     """The body, refused with a 413 as soon as it is known to exceed `limit` bytes.
 
@@ -116,6 +156,7 @@ def body_chunk(message: Message) -> tuple[bytes, bool]:
 def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
     async def compute(request: Request) -> Response:
         engine: Engine = request.app.state.engine
+        require_media_type(request.scope, JSON_MEDIA_TYPES)
         body = await read_body(request, engine.settings.max_body_bytes)
         parse = functools.partial(parse_one, engine, variant)
         content = await pipeline.run(
@@ -187,6 +228,11 @@ def json_request_body(schema: dict[str, Any], examples: dict[str, Any]) -> dict[
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorMessage, "description": "The request body exceeds its limit"},
+    415: {
+        "model": ErrorMessage,
+        "description": "The body's Content-Type is not application/json (a charset, if "
+        "given, must be utf-8)",
+    },
     503: {
         "model": ErrorMessage,
         "description": "Too many large computations running and queued; see Retry-After",

@@ -25,10 +25,12 @@ from service.parsing import NotFast, body_error, careful_values, fast_values
 from service.pipeline import Plan
 from service.routes.attention import (
     ERROR_RESPONSES,
+    JSON_MEDIA_TYPES,
     OwnBodyRoute,
     answer_response,
     json_request_body,
     read_body,
+    require_media_type,
 )
 from service.schemas import (
     COMPARE_ONLY,
@@ -186,6 +188,7 @@ def write_answers(plan: Plan, payloads: list[dict[str, Any]]) -> bytes | Iterato
 
 async def compare(request: Request) -> Response:
     engine: Engine = request.app.state.engine
+    require_media_type(request.scope, JSON_MEDIA_TYPES)
     body = await read_body(request, engine.settings.max_body_bytes)
     parse = functools.partial(prepare_all, engine)
     content = await pipeline.run(
