@@ -194,7 +194,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return bool(getattr(self.state, "ready", False))
 
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=getattr(self.state, "warm_up_error", None) is None)
 
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.ready())

@@ -1,4 +1,5 @@
-"""The request bodies of the OpenAPI document, exact for the running settings.
+"""The request bodies of the OpenAPI document, exact for the running settings: the native
+operations' and the inference protocol's (in JSON; its binary form is in the operation's words).
 
 Each native operation's body is a `oneOf` of the three inputs the service takes: a matrix of
 embeddings (T x d_in), a batch of them (B x T x d_in, which alone may carry `attention_mask`),
@@ -26,8 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from attention import VARIANTS, AttentionInputError, Variant
 from attention.parameters import parameter_shapes
 from attention.registry import AttentionConfig
+from service import protocol
 from service.engine import Engine
 from service.parsing import parse_request
+from service.routes import inference_protocol
 from service.routes.compare import prepare_all
 from service.schemas import (
     EMBEDDINGS_PARAMETERS,
@@ -433,13 +436,150 @@ def compare_schema(settings: Settings) -> Schema:
 
 
 def request_bodies(settings: Settings) -> dict[str, Schema]:
-    """Each native operation's request body schema, by path."""
+    """Each operation's request body schema, by path: the native ones and the protocol's
+    inference, one per model and version."""
     bodies = {
         f"/attention/{variant.name}": request_schema(variant, settings)
         for variant in VARIANTS.values()
     }
     bodies["/attention/compare"] = compare_schema(settings)
+    for variant in VARIANTS.values():
+        schema = infer_schema(variant, settings)
+        bodies[f"/v2/models/{variant.name}/infer"] = schema
+        bodies[f"/v2/models/{variant.name}/versions/{protocol.VERSION}/infer"] = schema
     return bodies
+
+
+# --- the inference protocol's requests ------------------------------------------------------------
+
+
+def scalar(schema: Schema) -> Schema:
+    """A field's schema without its null: a protocol parameter is a scalar, never null."""
+    alternatives = schema.get("anyOf")
+    if alternatives is None or NULL not in alternatives:
+        return schema
+    notes = {key: value for key, value in schema.items() if key != "anyOf"}
+    if notes.get("default", 0) is None:  # "left out": no default to state
+        del notes["default"]
+    (base,) = [alternative for alternative in alternatives if alternative != NULL]
+    return {**base, **notes}
+
+
+def input_tensor(settings: Settings) -> Schema:
+    """The one input tensor, `embeddings`, its numbers given as JSON `data`."""
+    tokens = {"type": "integer", "minimum": 1, "maximum": settings.max_tokens}
+    width = {"type": "integer", "minimum": 1, "maximum": settings.max_dim}
+    batch = {"type": "integer", "minimum": 1, "maximum": settings.max_batch_size}
+    flat = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": settings.max_batch_size * settings.max_tokens * settings.max_dim,
+        "items": FINITE,
+    }
+    return {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "enum": [protocol.INPUT]},
+            "shape": {
+                "anyOf": [
+                    {"type": "array", "prefixItems": [tokens, width], "items": False},
+                    {"type": "array", "prefixItems": [batch, tokens, width], "items": False},
+                ],
+                "minItems": 2,
+                "description": "[T, d_in], or a batch [B, T, d_in]",
+            },
+            "datatype": {
+                "type": "string",
+                "enum": list(protocol.INPUT_DATATYPES),
+                "description": "FP64 and FP16 are converted to float32",
+            },
+            "data": {
+                "anyOf": [
+                    flat,
+                    matrix(settings),
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": settings.max_batch_size,
+                        "items": matrix(settings),
+                    },
+                ],
+                "description": "the tensor's numbers: flat in row-major order, as many as the "
+                "shape's product, or nested as the shape is. " + RULES["embeddings"],
+            },
+        },
+    }
+
+
+def infer_schema(variant: Variant, settings: Settings) -> Schema:
+    """One model's inference request, as its endpoint reads it in JSON: its own parameters,
+    scalars, with their bounds under these settings."""
+    properties = request_model(variant).model_json_schema()["properties"]
+    parameters: dict[str, Schema] = {}
+    required: list[str] = []
+    for name in protocol.parameter_names(variant):
+        schema, needed = field_schema(name, properties[name], settings)
+        parameters[name] = scalar(schema)
+        if needed:
+            required.append(name)
+    parameters["binary_data_output"] = {
+        "type": "boolean",
+        "description": "every output in binary (Triton's binary tensor data extension)",
+    }
+    parameters_schema: Schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": parameters,
+        "description": "the variant's parameters, as its native endpoint takes them. "
+        "`return_weights` false goes with `outputs` that leave attention_weights out.",
+    }
+    if required:
+        parameters_schema["required"] = required
+    rules = configuration_rules(variant)[:1] if "v1" in variant.implementations else []
+    if rules:
+        parameters_schema["allOf"] = rules
+    output = {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "enum": list(protocol.OUTPUTS)},
+            "parameters": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"binary_data": {"type": "boolean"}},
+            },
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["inputs", *(["parameters"] if required else [])],
+        "additionalProperties": False,
+        "description": "An inference request in JSON (or with binary tensor data: see the "
+        "operation). " + LIMITS.replace("a 422", "a 400"),
+        "properties": {
+            "id": {"type": "string", "description": "echoed in the answer"},
+            "model_name": {"type": "string", "enum": [variant.name]},
+            "model_version": {"type": "string", "enum": [protocol.VERSION]},
+            "parameters": parameters_schema,
+            "inputs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 1,
+                "items": input_tensor(settings),
+            },
+            "outputs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": len(protocol.OUTPUTS),
+                "items": output,
+                "description": "the outputs to return, in this order, each once (all of them "
+                "when absent)",
+            },
+        },
+    }
 
 
 def taken(engine: Engine, path: str, example: dict[str, Any]) -> bool:
@@ -449,10 +589,13 @@ def taken(engine: Engine, path: str, example: dict[str, Any]) -> bool:
     try:
         if path == "/attention/compare":
             prepare_all(engine, body)
+        elif path.startswith("/v2/"):
+            variant = VARIANTS[path.split("/")[3]]
+            protocol.prepare(engine, variant, inference_protocol.decode(body, None))
         else:
             variant = VARIANTS[path.removeprefix("/attention/")]
             engine.prepare(variant, parse_request(body, variant))
-    except (RequestValidationError, AttentionInputError):
+    except (RequestValidationError, AttentionInputError, protocol.ProtocolError):
         return False
     return True
 

@@ -56,7 +56,43 @@ def map_case(context: Any, case: Any) -> Any:
         name = case.path.removeprefix("/attention/")
         if name == "compare" or name in VARIANTS:
             case.body = within_rules(name, case.body)
+        elif case.path.startswith("/v2/models/") and case.path.endswith("/infer"):
+            case.body = inference_within_rules(case.path.split("/")[3], case.body)
     return case
+
+
+def inference_within_rules(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """docs/protocol.md's rules for an inference request: the data as many numbers as the
+    shape's product (written flat), `num_heads` and `num_kv_groups` dividing as for the native
+    endpoint, `return_weights` false only when attention_weights is not asked for, each output
+    asked for once."""
+    body = dict(body)
+    (tensor,) = body["inputs"]
+    shape = [given({"dim": dim}, "dim") for dim in tensor["shape"]]
+    numbers = list(flat(tensor["data"])) or [0.0]
+    count = 1
+    for dim in shape:
+        count *= dim
+    body["inputs"] = [{**tensor, "data": resized(numbers, count)}]
+    if given(body, "outputs") is not None:
+        body["outputs"] = list({output["name"]: output for output in body["outputs"]}.values())
+    parameters = dict(given(body, "parameters", {}))
+    if name in SPLIT_HEADS:
+        dividing_heads(parameters, shape[-1], [name])
+    names = [output["name"] for output in given(body, "outputs", [])] or ["attention_weights"]
+    if "attention_weights" in names and parameters.get("return_weights") is False:
+        del parameters["return_weights"]
+    if parameters or "parameters" in body:
+        body["parameters"] = parameters
+    return body
+
+
+def flat(data: Any) -> Any:
+    if isinstance(data, list):
+        for item in data:
+            yield from flat(item)
+    else:
+        yield data
 
 
 def given(body: dict[str, Any], name: str, default: Any = None) -> Any:

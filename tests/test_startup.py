@@ -19,8 +19,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.main import create_app
 from service.settings import Settings
@@ -168,7 +172,8 @@ async def test_readyz_is_503_before_the_lifespan_and_after_it():
 
 
 async def test_a_failed_warm_up_fails_liveness_too_and_says_why():
-    app = create_app(Settings())
+    grpc_port = free_port()
+    app = create_app(Settings(grpc_port=grpc_port))
 
     def broken() -> None:
         raise FileNotFoundError("vocab.bpe")
@@ -181,8 +186,24 @@ async def test_a_failed_warm_up_fails_liveness_too_and_says_why():
     ):
         await wait_while_loading(client)
         health, ready = await readiness(client)
+        protocol_live = await client.get("/v2/health/live")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            checks = [
+                (
+                    await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=service)
+                    )
+                ).status
+                for service in ("", "inference.GRPCInferenceService")
+            ]
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            grpc_live = (await stub.ServerLive(pb.ServerLiveRequest())).live
 
-    # A process that can never be ready is restarted by its orchestrator, as one that exited.
+    # A process that can never be ready is restarted by its orchestrator, as one that exited:
+    # whichever of its health endpoints the orchestrator asks.
     failure = "FileNotFoundError: vocab.bpe"
     assert health == (503, {"detail": f"the warm-up failed ({failure}): restart"})
     assert ready == (503, {"detail": f"the warm-up failed ({failure})"})
+    assert (protocol_live.status_code, protocol_live.json()) == (400, {"live": False})
+    assert checks == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+    assert grpc_live is False

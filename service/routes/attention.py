@@ -52,12 +52,15 @@ async def list_variants() -> list[VariantInfo]:
 JSON_MEDIA_TYPES = ("application/json",)
 
 
-def require_media_type(scope: Scope, accepted: tuple[str, ...]) -> None:
+def require_media_type(
+    scope: Scope, accepted: tuple[str, ...], *, absent_allowed: bool = False
+) -> None:
     """A 415 naming the accepted types unless the body's Content-Type is one of `accepted`
     (compared without case; a `charset=utf-8` parameter allowed, other parameters ignored).
 
     Read off the scope, as `declared_length` reads the length: a body sent as text/plain, as a
-    form or with no type at all is refused rather than parsed as JSON on a guess.
+    form or with no type at all is refused rather than parsed as JSON on a guess. The inference
+    protocol's clients name no type (tritonclient's synchronous one): `absent_allowed` there.
     """
     value = None
     for name, header in scope["headers"]:
@@ -68,6 +71,8 @@ def require_media_type(scope: Scope, accepted: tuple[str, ...]) -> None:
             break
     wanted = " or ".join(accepted)
     if value is None:
+        if absent_allowed:
+            return
         raise HTTPException(415, f"the request has no Content-Type: send {wanted}")
     media_type, *parameters = value.split(";")
     if media_type.strip().lower() not in accepted:

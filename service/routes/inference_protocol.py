@@ -38,15 +38,19 @@ from service.parsing import as_float32, nesting_depth
 from service.pipeline import Plan
 from service.protocol import (
     INPUT,
-    OUTPUTS,
     Answer,
     InferenceRequest,
     InputTensor,
     ProtocolError,
     RequestedOutput,
 )
-from service.routes.attention import answer_response, json_request_body, read_body
-from service.schemas import ParameterInfo, request_model
+from service.routes.attention import (
+    answer_response,
+    json_request_body,
+    read_body,
+    require_media_type,
+)
+from service.schemas import ParameterInfo
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -82,7 +86,7 @@ Scalar = bool | int | float | str
 
 class JsonInput(msgspec.Struct, forbid_unknown_fields=True):
     name: str
-    shape: list[int]
+    shape: list[int | float]  # whole numbers: 2.0 is 2, as JSON Schema's integer
     datatype: str
     data: msgspec.Raw = msgspec.Raw(b"")  # empty: absent (binary data instead)
     parameters: dict[str, Scalar] = {}
@@ -94,12 +98,14 @@ class JsonOutput(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The protocol's request: a field is there or not, never null."""
+
     inputs: list[JsonInput]
-    id: str | None = None
-    model_name: str | None = None
-    model_version: str | None = None
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    model_name: str | msgspec.UnsetType = msgspec.UNSET
+    model_version: str | msgspec.UnsetType = msgspec.UNSET
     parameters: dict[str, Scalar] = {}
-    outputs: list[JsonOutput] | None = None
+    outputs: list[JsonOutput] | msgspec.UnsetType = msgspec.UNSET
 
 
 # --- documentation models (the answers are written by orjson, these describe them) ---------------
@@ -237,9 +243,15 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@router.get("/health/live", summary="Server live", response_model=Live)
-async def server_live() -> Response:
-    return json_response({"live": True})
+@router.get(
+    "/health/live",
+    summary="Server live",
+    response_model=Live,
+    responses={400: {"model": Live, "description": "The warm-up failed: restart it"}},
+)
+async def server_live(request: Request) -> Response:
+    live = request.app.state.warm_up_error is None  # as /healthz
+    return json_response({"live": live}, 200 if live else 400)
 
 
 @router.get(
@@ -319,21 +331,6 @@ for path, endpoint, summary in [
 # --- reading an inference request -----------------------------------------------------------------
 
 
-def media_type(request: Request) -> str | None:
-    value = request.headers.get("content-type")
-    return None if value is None else value.partition(";")[0].strip().lower()
-
-
-def checked_media_type(request: Request) -> None:
-    found = media_type(request)
-    if found not in (None, *REQUEST_MEDIA_TYPES):
-        raise HTTPException(
-            415,
-            f"an inference request is {REQUEST_MEDIA_TYPES[0]}, or with binary tensor data "
-            f"{BINARY_MEDIA_TYPE}; got Content-Type {request.headers['content-type']!r}",
-        )
-
-
 def header_length(request: Request, body_size: int) -> int | None:
     """The JSON header's length when the body carries binary tensor data, else None."""
     value = request.headers.get(HEADER_LENGTH)
@@ -370,12 +367,16 @@ def decode(body: bytes | bytearray, header: int | None) -> InferenceRequest:
     return InferenceRequest(
         inputs=binary_inputs(request.inputs, binary, header is not None),
         parameters=own_parameters(request.parameters, ("binary_data_output",)),
-        outputs=requested_outputs(request.outputs),
+        outputs=requested_outputs(present(request.outputs)),
         binary_outputs=binary_flag(request.parameters, "binary_data_output", "parameters"),
-        id=request.id,
-        model_name=request.model_name,
-        model_version=request.model_version,
+        id=present(request.id),
+        model_name=present(request.model_name),
+        model_version=present(request.model_version),
     )
+
+
+def present(value: Any) -> Any:
+    return None if value is msgspec.UNSET else value
 
 
 def binary_flag(parameters: dict[str, Scalar], name: str, where: str) -> bool:
@@ -415,6 +416,7 @@ def binary_inputs(
     tensors, offset = [], 0
     for tensor in inputs:
         where = f"input {tensor.name!r}"
+        shape = [whole(dim, f"{where}: shape") for dim in tensor.shape]
         extra = own_parameters(tensor.parameters, ("binary_data_size",))
         if extra:
             raise ProtocolError(
@@ -426,7 +428,7 @@ def binary_inputs(
             if not has_data:
                 raise ProtocolError(f"{where} has no data and no binary_data_size")
             tensors.append(
-                InputTensor(tensor.name, tensor.datatype, tensor.shape, json_values(tensor.data))
+                InputTensor(tensor.name, tensor.datatype, shape, json_values(tensor.data))
             )
             continue
         if has_data:
@@ -436,8 +438,9 @@ def binary_inputs(
                 f"{where} has binary_data_size but the request has no "
                 "Inference-Header-Content-Length header to say where its JSON ends"
             )
-        if type(size) is not int or size < 0:
-            raise ProtocolError(f"{where}: binary_data_size must be a whole number; got {size!r}")
+        size = whole(size, f"{where}: binary_data_size")
+        if size < 0:
+            raise ProtocolError(f"{where}: binary_data_size must be at least 0; got {size}")
         if offset + size > len(binary):
             raise ProtocolError(
                 f"{where}: binary_data_size {size} runs past the body's end: "
@@ -447,7 +450,7 @@ def binary_inputs(
             InputTensor(
                 tensor.name,
                 tensor.datatype,
-                tensor.shape,
+                shape,
                 protocol.raw_values(binary[offset : offset + size]),
             )
         )
@@ -458,6 +461,16 @@ def binary_inputs(
             "follow the JSON header"
         )
     return tensors
+
+
+def whole(value: Scalar, what: str) -> int:
+    """A whole number, given as one (2) or with a zero fraction (2.0, as JSON Schema's
+    integer allows)."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    raise ProtocolError(f"{what} must be whole numbers; got {value!r}")
 
 
 def json_values(raw: msgspec.Raw):
@@ -577,7 +590,7 @@ def parse(engine: Engine, variant: Variant, request: Request, body: bytes | byte
 @protocol_errors
 async def infer(request: Request, model_name: str, model_version: str | None = None):
     variant = protocol.model(model_name, model_version)
-    checked_media_type(request)
+    require_media_type(request.scope, REQUEST_MEDIA_TYPES, absent_allowed=True)
     engine: Engine = request.app.state.engine
     body = await read_body(request, engine.settings.max_body_bytes)
     written = await pipeline.run(
@@ -599,93 +612,6 @@ def infer_endpoint(model_name: str, model_version: str | None):
         return await infer(request=request, model_name=model_name, model_version=model_version)
 
     return endpoint
-
-
-def without_null(schema: dict[str, Any]) -> dict[str, Any]:
-    """A field's schema without its null branch: a protocol parameter is a scalar, never null."""
-    schema = {key: value for key, value in schema.items() if key not in ("default", "title")}
-    branches = [branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"]
-    if len(branches) == 1:
-        schema |= branches[0]
-    elif branches:
-        schema["anyOf"] = branches
-    return schema
-
-
-NUMBERS = {"type": "array", "minItems": 1, "items": {"type": "number"}}
-NESTED = {"type": "array", "minItems": 1, "items": NUMBERS}
-TENSOR_DATA = {
-    "description": "the tensor's numbers, flat in row-major order (prod(shape) of them) or "
-    "nested as the shape is",
-    "anyOf": [NUMBERS, NESTED, {"type": "array", "minItems": 1, "items": NESTED}],
-}
-
-
-def infer_schema(variant: Variant) -> dict[str, Any]:
-    """The inference request of one model, as the endpoint reads it (see `decode`)."""
-    fields = request_model(variant).model_json_schema()["properties"]
-    parameters = {name: without_null(fields[name]) for name in protocol.parameter_names(variant)}
-    parameters["binary_data_output"] = {
-        "type": "boolean",
-        "description": "every output in binary (Triton's binary tensor data extension)",
-    }
-    return {
-        "type": "object",
-        "required": ["inputs"],
-        "additionalProperties": False,
-        "properties": {
-            "id": {"type": "string", "description": "echoed in the answer"},
-            "model_name": {"type": "string", "enum": [variant.name]},
-            "model_version": {"type": "string", "enum": [protocol.VERSION]},
-            "parameters": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": parameters,
-                "description": "the variant's parameters, as its native endpoint takes them",
-            },
-            "inputs": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["name", "shape", "datatype", "data"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "name": {"type": "string", "enum": [INPUT]},
-                        "shape": {
-                            "type": "array",
-                            "minItems": 2,
-                            "maxItems": 3,
-                            "items": {"type": "integer", "minimum": 1},
-                            "description": "[T, d_in] or [B, T, d_in]",
-                        },
-                        "datatype": {"type": "string", "enum": list(protocol.INPUT_DATATYPES)},
-                        "data": TENSOR_DATA,
-                    },
-                },
-            },
-            "outputs": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": len(OUTPUTS),
-                "items": {
-                    "type": "object",
-                    "required": ["name"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "name": {"type": "string", "enum": list(OUTPUTS)},
-                        "parameters": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {"binary_data": {"type": "boolean"}},
-                        },
-                    },
-                },
-                "description": "the outputs to return, each once (all when absent)",
-            },
-        },
-    }
 
 
 def infer_examples(variant: Variant) -> dict[str, dict[str, Any]]:
@@ -753,7 +679,8 @@ for variant in VARIANTS.values():
             description=infer_description(variant),
             response_model=InferenceResponse,
             responses=INFER_RESPONSES,
-            openapi_extra=json_request_body(infer_schema(variant), infer_examples(variant)),
+            # The body's schema is made exact for the running settings by service.openapi.
+            openapi_extra=json_request_body({"type": "object"}, infer_examples(variant)),
         )
 
 # Any other model or version: the protocol's 404, from the same endpoint.
