@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from attention import (
     STEPS,
     AttentionConfig,
+    AttentionInputError,
     AttentionRunner,
     EmbeddingTables,
     Token,
@@ -342,6 +343,7 @@ class Engine:
             padding=None if job.padding is None else torch.from_numpy(job.padding),
             threads=threads,
         )
+        checked_finite_answer(result.context_vectors, job)
         if self.count_tokens is not None:
             self.count_tokens(job.variant.name, job.batch_size * job.num_tokens)
         payload: dict[str, Any] = {"variant": job.variant.name}
@@ -449,6 +451,23 @@ attention_config = lru_cache(maxsize=4096, typed=True)(AttentionConfig)
 def as_array(tensor: np.ndarray | torch.Tensor) -> np.ndarray:
     """The small path answers numpy arrays already; torch's tensors share their memory."""
     return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+
+
+def checked_finite_answer(context_vectors: np.ndarray | torch.Tensor, job: Job) -> None:
+    """Refuse an answer whose arithmetic overflowed float32 (inputs of ~1e19 and more make
+    scores beyond its range): its weights and context vectors would be NaN, which the answer
+    writes as null, the mark of padding. The context vectors carry any overflow on to the
+    answer, so they alone are checked (over the real positions: padded ones are NaN by design).
+    """
+    context = as_array(context_vectors)  # (B, T, d)
+    if job.padding is not None:
+        context = context[~job.padding]  # (real tokens, d)
+    if not np.isfinite(context).all():
+        raise AttentionInputError(
+            "the computation overflowed float32 (its largest number is about 3.4e38): the "
+            "scores of inputs this large are beyond it; scale the inputs down",
+            field="text" if job.tokens is not None else "embeddings",
+        )
 
 
 def checked_parameters(

@@ -27,7 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from attention import Variant
+from attention import AttentionInputError, Variant
 from service import pipeline, protocol
 from service.concurrency import Saturated
 from service.engine import Engine
@@ -176,6 +176,8 @@ def answered(method: Callable[..., Any]):
             return await method(self, request, context)
         except ProtocolError as error:
             await context.abort(CODES[error.kind], str(error))
+        except AttentionInputError as error:  # found computing (an overflow)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(protocol.refusal(error)))
         except Saturated as error:
             self.state.metrics.refused.inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))

@@ -182,7 +182,9 @@ SETTING_MAXIMA = {
 # What each field must satisfy that JSON Schema cannot say, appended to its description.
 RULES = {
     "embeddings": "Rectangular: every row as long as the first (and every item of a batch as "
-    "long as the first). Each number a finite float32 (|x| < 2^128 - 2^103).",
+    "long as the first). Each number a finite float32 (|x| < 2^128 - 2^103), and small enough "
+    "that the computation stays within float32: scores of inputs of ~1e19 and more overflow "
+    "it, which is refused.",
     "attention_mask": "B x T, as the batch of embeddings it goes with; every row with at least "
     "one 1. Its entries are 1 and 0 or the booleans.",
     "text": "Each text's GPT-2 tokens at most `context_length` and ATTENTION_MAX_TOKENS; the "

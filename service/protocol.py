@@ -271,9 +271,15 @@ def prepare(engine: Engine, variant: Variant, request: InferenceRequest) -> Plan
         limit = any(entry.get("type") == "limit_exceeded" for entry in errors)
         raise ProtocolError(describe(errors), "limit" if limit else "invalid") from None
     except AttentionInputError as error:
-        message = f"parameter {error.field!r}: {error}" if error.field else str(error)
-        raise ProtocolError(message) from None
+        raise refusal(error) from None
     return Plan([job], Inference(outputs, request.id))
+
+
+def refusal(error: AttentionInputError) -> ProtocolError:
+    """The library's refusal of an input, located as a protocol client names things."""
+    if error.field == INPUT:
+        return ProtocolError(f"input {INPUT!r}: {error}")
+    return ProtocolError(f"parameter {error.field!r}: {error}" if error.field else str(error))
 
 
 # --- answers -------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def inference_within_rules(name: str, body: dict[str, Any]) -> dict[str, Any]:
     body = dict(body)
     (tensor,) = body["inputs"]
     shape = [given({"dim": dim}, "dim") for dim in tensor["shape"]]
-    numbers = list(flat(tensor["data"])) or [0.0]
+    numbers = [moderate(number) for number in flat(tensor["data"])] or [0.0]
     count = 1
     for dim in shape:
         count *= dim
@@ -85,6 +85,12 @@ def inference_within_rules(name: str, body: dict[str, Any]) -> dict[str, Any]:
     if parameters or "parameters" in body:
         body["parameters"] = parameters
     return body
+
+
+def moderated(data: Any) -> Any:
+    if isinstance(data, list):
+        return [moderated(item) for item in data]
+    return moderate(data)
 
 
 def flat(data: Any) -> Any:
@@ -126,9 +132,23 @@ def within_rules(name: str, body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+# The computation must stay within float32: inputs this large or larger could overflow it
+# (their scores, products of d_in of them, reach 1e38 long before the inputs reach 1e19).
+LARGEST_INPUT = 1e6
+
+
+def moderate(number: float) -> float:
+    """A number within +-LARGEST_INPUT: large ones scaled down by powers of ten."""
+    while abs(number) > LARGEST_INPUT:
+        number /= 1e10
+    return number
+
+
 def rectangular(body: dict[str, Any]) -> int:
     """Rows cut or repeated to the first row's length (and a batch's items to the first item's
-    number of rows); an attention_mask shaped B x T with a real token in each row. d_in."""
+    number of rows), their numbers moderate; an attention_mask shaped B x T with a real token in
+    each row. d_in."""
+    body["embeddings"] = moderated(body["embeddings"])
     embeddings = body["embeddings"]
     if isinstance(embeddings[0][0], list):  # B x T x d_in
         rows, width = len(embeddings[0]), len(embeddings[0][0])

@@ -945,3 +945,32 @@ async def test_no_body_makes_a_500(client, variant, name):
     assert response.status_code < 500, (variant, name, response.status_code, response.text)
     if response.status_code == 422:
         errors_of(response)  # and in the usual form
+
+
+@pytest.mark.parametrize("variant", ["simplified", "causal", "multi-head", "latent"])
+async def test_inputs_so_large_the_computation_overflows_are_a_422(client, variant):
+    """Each input is a finite float32, yet their scores are beyond float32: the answer would be
+    NaN, written null, the mark of padding. Refused, naming the input."""
+    body = {"embeddings": [[1e20, 1e20], [1e19, -1e20]]}
+    if variant != "simplified":
+        body["d_out"] = 2
+
+    response = await client.post(f"/attention/{variant}", json=body)
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "embeddings"]
+    assert error["msg"].startswith("the computation overflowed float32")
+
+
+async def test_padding_is_not_an_overflow(client):
+    """A padded position's numbers are null by design; a huge padded row computes nothing."""
+    body = {
+        "embeddings": [[[1e20, 1e20], [1.0, 2.0]], [[1.0, 2.0], [3.0, 1.0]]],
+        "attention_mask": [[0, 1], [1, 1]],
+    }
+
+    response = await client.post("/attention/causal", json=body)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["context_vectors"][0][0] == [None, None]

@@ -245,6 +245,7 @@ BAD_REQUESTS = {
     "null data": (tensor([2, 2], None), "list of numbers"),
     "overflow": (tensor([2, 2], [1.0, 2.0, 3.0, 1e39]), "[1][1]"),
     "1-d shape": (tensor([4], OK), "[T, d_in]"),
+    "an overflow": (tensor([2, 2], [1e20, 1e20, 1e19, -1e20]), "overflowed float32"),
     "a fraction in the shape": (tensor([2.5, 2], OK), "shape must be whole numbers; got 2.5"),
     "4-d shape": (tensor([1, 1, 2, 2], OK), "[T, d_in]"),
     "zero dimension": (tensor([0, 4], []), "at least 1"),

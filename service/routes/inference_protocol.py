@@ -28,7 +28,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.responses import Response, StreamingResponse
 
-from attention import VARIANTS, Variant
+from attention import VARIANTS, AttentionInputError, Variant
 from service import pipeline, protocol
 from service.concurrency import Saturated
 from service.engine import Engine
@@ -203,6 +203,8 @@ def protocol_errors(endpoint: Callable[..., Awaitable[Response]]):
             return await endpoint(*args, **kwargs)
         except ProtocolError as error:
             return error_response(str(error), STATUS[error.kind])
+        except AttentionInputError as error:  # found computing (an overflow)
+            return error_response(str(protocol.refusal(error)), 400)
         except HTTPException as error:  # the body's size or media type
             return error_response(str(error.detail), error.status_code)
         except Saturated as error:
