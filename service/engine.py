@@ -22,7 +22,6 @@ from attention import (
     Token,
     Variant,
     gpt2_encoding,
-    kernels,
     tokenize,
 )
 from attention.parameters import Parameters, parameter_shapes
@@ -69,10 +68,9 @@ class Engine:
         self.threads = settings.torch_threads or torch.get_num_threads()
 
     def warm_up(self) -> None:
-        """Load the encoding and the default embedding tables, and compile the small path's
-        kernels and the parser's bracket count, before the first request."""
+        """Load the encoding and the default embedding tables, and compile the parser's bracket
+        count, before the first request."""
         gpt2_encoding()
-        kernels.warm_up()
         parsing.warm_up()
         defaults = RequestBase.model_fields
         self.tables.tables(
