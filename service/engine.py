@@ -25,7 +25,6 @@ from attention import (
     tokenize,
 )
 from attention.parameters import Parameters, parameter_shapes
-from service import parsing
 from service.json_parts import dumps_or_parts
 from service.parsing import body_error
 from service.schemas import EMBEDDINGS_PARAMETERS, TEXT_PARAMETERS, RequestBase
@@ -68,10 +67,8 @@ class Engine:
         self.threads = settings.torch_threads or torch.get_num_threads()
 
     def warm_up(self) -> None:
-        """Load the encoding and the default embedding tables, and compile the parser's bracket
-        count, before the first request."""
+        """Load the encoding and the default embedding tables before the first request."""
         gpt2_encoding()
-        parsing.warm_up()
         defaults = RequestBase.model_fields
         self.tables.tables(
             defaults["embedding_dim"].default,
