@@ -184,6 +184,27 @@ def test_steps_or_not_the_answer_is_the_same_to_the_bit(
         assert with_steps.steps["mask"].tolist() == future.tolist()
 
 
+@pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS, ids=IDS)
+def test_large_scores_are_shifted_as_torch_shifts_them(name, implementation):
+    """Scores beyond small.SHIFTLESS_BOUND take softmax's shift by the row's maximum: without
+    it exp would overflow (weights of nan) or lose whole rows to underflow."""
+    variant = VARIANTS[name]
+    cfg = config(name, implementation, 4, d_out=4)
+    runner = AttentionRunner()
+    x = inputs((2, 5, 4), seed=5) * 6
+
+    result = runner.run(variant, x, cfg)
+
+    module = runner.module(variant, cfg)[0]
+    steps: dict[str, Any] = {}
+    context, weights = plain(module, x, steps=steps)
+    softmax_input = steps.get("scaled_scores", steps["attention_scores"])
+    assert softmax_input[softmax_input.isfinite()].abs().max() > small.SHIFTLESS_BOUND
+    assert np.isfinite(result.attention_weights).all()
+    assert_equal_numbers(result.context_vectors, context, "context_vectors")
+    assert_equal_numbers(result.attention_weights, weights, "attention_weights")
+
+
 def test_return_weights_false_leaves_the_context_unchanged():
     variant = VARIANTS["multi-head"]
     cfg = config("multi-head", "fused", 3, d_out=4)
