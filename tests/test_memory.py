@@ -82,7 +82,7 @@ def test_the_release_drops_an_idle_parser_and_trims(monkeypatch, body):
     assert parsing._idle_parsers == []
 
 
-def test_on_glibc_the_mmap_threshold_is_fixed():
+def test_on_glibc_malloc_is_configured():
     if memory.glibc() is None:
-        pytest.skip("not glibc: there is no threshold to fix")
-    assert memory.fix_mmap_threshold()
+        pytest.skip("not glibc: there is nothing to configure")
+    assert memory.configure_malloc()
