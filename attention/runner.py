@@ -5,9 +5,8 @@ depends on the request alone however many run at once. Seeded modules are built 
 a bounded cache together with the generator state their construction left behind: dropout then
 continues the stream from exactly where `torch.manual_seed(seed); BookClass(...)` would.
 
-Computations below `small.SMALL_WORK_LIMIT` without dropout run the same arithmetic in compiled
-loops (see `attention.small` and `attention.kernels`), on numpy copies of the weights kept with
-the cached module.
+Computations below `small.SMALL_WORK_LIMIT` without dropout run the same arithmetic in numpy
+(see `attention.small`), on numpy copies of the weights kept with the cached module.
 """
 
 from dataclasses import dataclass, field
@@ -103,8 +102,9 @@ class AttentionRunner:
             and config.dropout == 0
             and padding is None  # padding is masked by torch alone
             and work <= small.SMALL_WORK_LIMIT
+            and small.moderate(inputs)
         ):
-            return self.run_small(seeded, inputs, work, return_weights, include, parameters)
+            return self.run_small(seeded, inputs, return_weights, include, parameters)
         if threads is not None:
             torch.set_num_threads(threads)
         module, state_after_init = seeded.module, seeded.state_after_init
@@ -142,7 +142,6 @@ class AttentionRunner:
     def run_small(
         seeded: SeededModule,
         inputs: Array,
-        work: int,
         return_weights: bool,
         include: tuple[str, ...],
         parameters: Parameters | None,
@@ -154,7 +153,7 @@ class AttentionRunner:
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.numpy()
         steps: small.Steps | None = {} if include else None
-        context_vec, attn_weights = small.forward(weights, inputs, work=work, steps=steps)
+        context_vec, attn_weights = small.forward(weights, inputs, steps=steps)
         attn_weights = attn_weights if return_weights else None
         if not include:
             return AttentionResult(context_vec, attn_weights)

@@ -11,6 +11,8 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
+from service.memory import after_large_requests
+
 T = TypeVar("T")
 
 
@@ -38,8 +40,10 @@ class ComputeSlots:
             self._limiter = anyio.CapacityLimiter(self.running)
         self.admitted += 1
         try:
-            return await anyio.to_thread.run_sync(
-                functools.partial(function, *args, **kwargs), limiter=self._limiter
-            )
+            # What a large computation leaves is handed back once none has run for a while.
+            with after_large_requests.work():
+                return await anyio.to_thread.run_sync(
+                    functools.partial(function, *args, **kwargs), limiter=self._limiter
+                )
         finally:
             self.admitted -= 1

@@ -22,11 +22,9 @@ from attention import (
     Token,
     Variant,
     gpt2_encoding,
-    kernels,
     tokenize,
 )
 from attention.parameters import Parameters, parameter_shapes
-from service import parsing
 from service.parsing import body_error
 from service.schemas import EMBEDDINGS_PARAMETERS, TEXT_PARAMETERS, RequestBase
 from service.settings import Settings
@@ -68,11 +66,8 @@ class Engine:
         self.threads = settings.torch_threads or torch.get_num_threads()
 
     def warm_up(self) -> None:
-        """Load the encoding and the default embedding tables, and compile the small path's
-        kernels and the parser's bracket count, before the first request."""
+        """Load the encoding and the default embedding tables before the first request."""
         gpt2_encoding()
-        kernels.warm_up()
-        parsing.warm_up()
         defaults = RequestBase.model_fields
         self.tables.tables(
             defaults["embedding_dim"].default,

@@ -38,18 +38,7 @@ def dumps_in_parts(payload: dict[str, Any]) -> Iterator[bytes]:
     # the rest written in one call, and the arrays' parts put where their strings landed.
     token = secrets.token_hex(16)
     arrays: list[np.ndarray] = []
-
-    def placeholders(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: placeholders(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [placeholders(item) for item in value]
-        if isinstance(value, np.ndarray) and value.size > PART_FLOATS:
-            arrays.append(value)
-            return f"{token}:{len(arrays) - 1}"
-        return value
-
-    skeleton = orjson.dumps(placeholders(payload), option=OPTIONS)
+    skeleton = orjson.dumps(with_placeholders(payload, token, arrays), option=OPTIONS)
     position = 0
     for index, array in enumerate(arrays):
         marker = f'"{token}:{index}"'.encode()
@@ -58,6 +47,23 @@ def dumps_in_parts(payload: dict[str, Any]) -> Iterator[bytes]:
         yield from array_parts(array)
         position = start + len(marker)
     yield skeleton[position:]
+
+
+def with_placeholders(value: Any, token: str, arrays: list[np.ndarray]) -> Any:
+    """`value` with each large array appended to `arrays` and swapped for `token:<index>`.
+
+    A plain function, not a closure: a closure that calls itself is a reference cycle, which
+    kept the answer's arrays (and the tensors under them, 12.6 MB for the long case) alive
+    after the answer was sent, until Python's cycle collector happened to run.
+    """
+    if isinstance(value, dict):
+        return {key: with_placeholders(item, token, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [with_placeholders(item, token, arrays) for item in value]
+    if isinstance(value, np.ndarray) and value.size > PART_FLOATS:
+        arrays.append(value)
+        return f"{token}:{len(arrays) - 1}"
+    return value
 
 
 def array_parts(array: np.ndarray) -> Iterator[bytes]:

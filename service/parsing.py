@@ -10,6 +10,8 @@ form, and the variant's pydantic model validates every other field.
 """
 
 import re
+import threading
+import time
 from functools import cache
 from typing import Annotated, Any
 
@@ -17,7 +19,6 @@ import msgspec
 import numpy as np
 import simdjson
 from fastapi.exceptions import RequestValidationError
-from numba import njit
 from pydantic import ValidationError
 
 from attention import Variant
@@ -209,23 +210,36 @@ def count_lists(value: Any) -> int:
 
 # simdjson's Parser sizes its buffers to the document on first use (about twice its bytes) and
 # reuses them. A parser per request paid ~60 ms of allocation and page faults for the bench's
-# 62 MB body, against a 73 ms parse. So one idle parser is kept for the next body (its buffers
-# stay resident, about twice the largest body it has parsed); a parse that finds none makes its
-# own. A parser holds one document at a time: document_values hands plain values back, so the
+# 62 MB body, against a 73 ms parse. So one idle parser is kept for the next body; a parse that
+# finds none makes its own. Its buffers (~130 MB after a 62 MB body) are dropped once it has
+# gone unused a while (drop_idle_parsers, called by service.memory when the server is idle). A
+# parser holds one document at a time: document_values hands plain values back, so the
 # document is gone by the time the parser returns to the pool.
 _idle_parsers: list[simdjson.Parser] = []
+_last_taken = 0.0  # time.monotonic() when a parse last began
+_pool_lock = threading.Lock()  # between returning a parser and dropping the idle ones
 
 
 def fast_values(body: bytes | bytearray) -> dict[str, Any]:
+    global _last_taken
+    _last_taken = time.monotonic()
     try:
         parser = _idle_parsers.pop()  # atomic: two threads never take the same parser
     except IndexError:
         parser = simdjson.Parser()
     values = document_values(parser, body)
     # Kept only after a parse that succeeded: a NotFast's traceback may still hold the document.
-    if not _idle_parsers:
-        _idle_parsers.append(parser)
+    with _pool_lock:
+        if not _idle_parsers:
+            _idle_parsers.append(parser)
     return values
+
+
+def drop_idle_parsers(unused_seconds: float) -> None:
+    """Drop the kept parser (and its buffers) unless a parse began within `unused_seconds`."""
+    with _pool_lock:
+        if time.monotonic() - _last_taken >= unused_seconds:
+            _idle_parsers.clear()
 
 
 def document_values(parser: simdjson.Parser, body: bytes | bytearray) -> dict[str, Any]:
@@ -264,22 +278,18 @@ def document_values(parser: simdjson.Parser, body: bytes | bytearray) -> dict[st
 
 
 OPEN = ord("[")
+# A chunk and its comparison's booleans stay in the core's L2 cache together.
+COUNT_CHUNK_BYTES = 256 * 1024
 
 
-@njit(nogil=True, cache=False)
 def count_byte(buffer: np.ndarray, byte: int) -> int:
-    """How many times `byte` occurs in `buffer` (uint8): bytes.count checks one byte at a time,
-    ~20 ms for the bench's 62 MB body, where this compiled loop is vectorised (~7 ms)."""
+    """How many times `byte` occurs in `buffer` (uint8). bytes.count checks one byte at a time
+    (~18-25 ms for the bench's 62 MB body here); numpy compares a chunk at a time in vector
+    instructions, the GIL released for each chunk (~6-7 ms), its booleans never a body's size."""
     count = 0
-    for value in buffer:
-        count += value == byte
+    for start in range(0, len(buffer), COUNT_CHUNK_BYTES):
+        count += int(np.count_nonzero(buffer[start : start + COUNT_CHUNK_BYTES] == byte))
     return count
-
-
-def warm_up() -> None:
-    """Compile count_byte for both kinds of body (bytes are read-only, a bytearray is not)."""
-    for body in (b"[[1]]", bytearray(b"[[1]]")):
-        count_byte(np.frombuffer(body, np.uint8), OPEN)
 
 
 # Below this many bytes (~50 numbers) a body is decoded to Python objects in one call and its

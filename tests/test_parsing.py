@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from service.parsing import (
+    COUNT_CHUNK_BYTES,
     OPEN,
     SMALL_BODY_BYTES,
     NotFast,
@@ -79,11 +80,12 @@ def test_fast_decoders_decline_what_they_could_misread(body):
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray])
-def test_the_compiled_bracket_count_counts_as_python_does(kind):
+def test_the_chunked_bracket_count_counts_as_python_does(kind):
     rng = np.random.default_rng(0)
     # Bytes drawn mostly from JSON's own characters, so that `[` is common and at the edges.
     alphabet = np.frombuffer(b"[[]],0123456789.e-", np.uint8)
-    for size in (0, 1, 2, 31, 32, 33, 1000, 100_003):
+    chunk = COUNT_CHUNK_BYTES
+    for size in (0, 1, 2, 31, 32, 33, 1000, chunk - 1, chunk, chunk + 1, 2 * chunk + 7):
         body = kind(rng.choice(alphabet, size).tobytes())
         assert count_byte(np.frombuffer(body, np.uint8), OPEN) == body.count(b"[")
     everything = kind(bytes(range(256)) * 3)

@@ -78,19 +78,8 @@ def cases() -> list[tuple[Any, ...]]:
     ]
 
 
-@pytest.fixture(params=["kernels", "numpy"])
-def small_arithmetic(request, monkeypatch):
-    """Each test below runs on both of the small path's implementations (see
-    small.KERNEL_WORK_LIMIT), whatever the size of its inputs."""
-    limit = small.SMALL_WORK_LIMIT if request.param == "kernels" else -1
-    monkeypatch.setattr(small, "KERNEL_WORK_LIMIT", limit)
-    return request.param
-
-
 @pytest.mark.parametrize(("name", "implementation", "shape", "qkv_bias"), cases())
-def test_the_small_path_equals_the_torch_module(
-    name, implementation, shape, qkv_bias, small_arithmetic
-):
+def test_the_small_path_equals_the_torch_module(name, implementation, shape, qkv_bias):
     variant = VARIANTS[name]
     cfg = config(name, implementation, shape[-1], qkv_bias=qkv_bias, d_out=6, num_heads=3)
     runner = AttentionRunner()
@@ -105,7 +94,7 @@ def test_the_small_path_equals_the_torch_module(
 
 
 @pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS, ids=IDS)
-def test_every_step_equals_the_torch_modules_step(name, implementation, small_arithmetic):
+def test_every_step_equals_the_torch_modules_step(name, implementation):
     variant = VARIANTS[name]
     cfg = config(name, implementation, 5, qkv_bias=implementation != "v1", d_out=4)
     runner = AttentionRunner()
@@ -126,9 +115,7 @@ def test_every_step_equals_the_torch_modules_step(name, implementation, small_ar
 
 
 @pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS[1:], ids=IDS[1:])
-def test_supplied_parameters_equal_the_torch_module_loaded_with_them(
-    name, implementation, small_arithmetic
-):
+def test_supplied_parameters_equal_the_torch_module_loaded_with_them(name, implementation):
     variant = VARIANTS[name]
     cfg = config(name, implementation, 3, qkv_bias=implementation != "v1", d_out=4)
     runner = AttentionRunner()
@@ -149,6 +136,72 @@ def test_supplied_parameters_equal_the_torch_module_loaded_with_them(
     result = runner.run(variant, x, cfg, parameters=supplied)
 
     context, weights = plain(with_parameters(module, supplied), x)
+    assert_equal_numbers(result.context_vectors, context, "context_vectors")
+    assert_equal_numbers(result.attention_weights, weights, "attention_weights")
+
+
+STEP_CASES = [
+    (name, implementation, qkv_bias, heads)
+    for name, implementation in IMPLEMENTATIONS
+    for qkv_bias in ((False,) if name == "simplified" or implementation == "v1" else (False, True))
+    for heads in ((1, 2) if VARIANTS[name].multi_head else (1,))
+]
+
+
+@pytest.mark.parametrize(("name", "implementation", "qkv_bias", "heads"), STEP_CASES)
+@pytest.mark.parametrize("shape", [(1, 6, 5), (3, 4, 5), (2, 1, 5)])
+def test_steps_or_not_the_answer_is_the_same_to_the_bit(
+    name, implementation, qkv_bias, heads, shape
+):
+    """Whatever the torch modules say (the tests above hold every number to them): asking for
+    steps must not change a bit of the answer, whose arrays orjson writes without a copy."""
+    variant = VARIANTS[name]
+    cfg = config(name, implementation, 5, qkv_bias=qkv_bias, d_out=4, num_heads=heads)
+    runner = AttentionRunner()
+    x = inputs(shape, seed=len(STEP_CASES))
+
+    plain_result = runner.run(variant, x, cfg)
+    with_steps = runner.run(variant, x, cfg, include=tuple(variant.step_names))
+
+    for got, want in (
+        (with_steps.context_vectors, plain_result.context_vectors),
+        (with_steps.attention_weights, plain_result.attention_weights),
+    ):
+        assert isinstance(got, np.ndarray) and isinstance(want, np.ndarray)
+        assert got.tobytes() == want.tobytes()
+        assert want.dtype == np.float32
+        assert want.flags.c_contiguous
+    attention = plain_result.attention_weights
+    batch, num_tokens, _ = shape
+    want_shape = (batch, num_tokens, num_tokens)
+    if variant.multi_head:  # a head axis, even for one head
+        want_shape = (batch, heads, num_tokens, num_tokens)
+    assert attention.shape == want_shape
+    np.testing.assert_allclose(attention.sum(-1), 1, rtol=1e-6)
+    if "mask" in with_steps.steps:  # nothing attends to the future: exact zeros above it
+        future = np.triu(np.ones((num_tokens, num_tokens), dtype=bool), k=1)
+        assert (attention[..., future] == 0).all()
+        assert (with_steps.steps["scaled_scores"][..., future] == -np.inf).all()
+        assert with_steps.steps["mask"].tolist() == future.tolist()
+
+
+@pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS, ids=IDS)
+def test_large_scores_are_shifted_as_torch_shifts_them(name, implementation):
+    """Scores beyond small.SHIFTLESS_BOUND take softmax's shift by the row's maximum: without
+    it exp would overflow (weights of nan) or lose whole rows to underflow."""
+    variant = VARIANTS[name]
+    cfg = config(name, implementation, 4, d_out=4)
+    runner = AttentionRunner()
+    x = inputs((2, 5, 4), seed=5) * 6
+
+    result = runner.run(variant, x, cfg)
+
+    module = runner.module(variant, cfg)[0]
+    steps: dict[str, Any] = {}
+    context, weights = plain(module, x, steps=steps)
+    softmax_input = steps.get("scaled_scores", steps["attention_scores"])
+    assert softmax_input[softmax_input.isfinite()].abs().max() > small.SHIFTLESS_BOUND
+    assert np.isfinite(result.attention_weights).all()
     assert_equal_numbers(result.context_vectors, context, "context_vectors")
     assert_equal_numbers(result.attention_weights, weights, "attention_weights")
 
