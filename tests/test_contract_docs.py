@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from attention import VARIANTS
+
 ROOT = Path(__file__).resolve().parents[1]
 API_MD = ROOT / "docs" / "api.md"
 README = ROOT / "README.md"
@@ -138,17 +140,16 @@ def markdown_links(text: str) -> list[str]:
     return re.findall(r"\]\(([^)\s]+)\)", text)
 
 
-@pytest.mark.parametrize("page", [API_MD, README], ids=lambda page: page.name)
-def test_the_contract_pages_link_only_inside_the_repository(page):
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_the_pages_link_only_inside_the_repository_and_what_is_there(page):
     for link in markdown_links(page.read_text()):
         assert not re.match(r"[a-z]+:", link), f"{page.name} links outside: {link}"
         target = (page.parent / link.split("#")[0]).resolve()
         assert target.is_relative_to(ROOT), f"{page.name}: {link}"
-
-
-def test_the_contract_links_only_what_is_there(markdown):
-    for link in markdown_links(markdown):
-        assert (API_MD.parent / link.split("#")[0]).exists(), link
+        assert target.exists(), f"{page.name} links {link}, which is not there"
 
 
 def test_the_readme_links_the_contract():
@@ -165,3 +166,32 @@ def test_the_openapi_document_points_nowhere_else(document):
     text = str(document)
 
     assert re.findall(r"https?://", text) == []
+
+
+PROTOCOL_MD = ROOT / "docs" / "protocol.md"
+
+
+def protocol_path(path: str) -> str:
+    """A /v2 path of the document as docs/protocol.md writes it: any model `{model}`, the one
+    version optional (`[/versions/1]`)."""
+    path = re.sub(r"^/v2/models/[^/]+", "/v2/models/{model}", path)
+    return re.sub(r"/versions/(\{model_version\}|1)", "[/versions/1]", path)
+
+
+def test_every_protocol_path_and_parameter_of_the_document_is_in_its_page(document):
+    page = PROTOCOL_MD.read_text()
+    documented = {span for row in table_rows(page, "## Endpoints") for span in code_spans(row[0])}
+    for path, methods in document["paths"].items():
+        if not path.startswith("/v2"):
+            continue
+        for method in methods:
+            expected = f"{method.upper()} {protocol_path(path)}"
+            # A path shown with its optional version covers the path without it.
+            assert expected in documented or expected.replace("[/versions/1]", "") in {
+                span.replace("[/versions/1]", "") for span in documented
+            }, expected
+    for name in VARIANTS:
+        schema = document["paths"][f"/v2/models/{name}/infer"]["post"]["requestBody"]
+        parameters = schema["content"]["application/json"]["schema"]["properties"]["parameters"]
+        for parameter in parameters["properties"]:
+            assert f"`{parameter}`" in page, (name, parameter)
