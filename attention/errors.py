@@ -11,3 +11,7 @@ class AttentionInputError(ValueError):
         super().__init__(message)
         self.field = field
         self.value = value
+
+
+class AnswerOverflowError(AttentionInputError):
+    """The arithmetic overflowed float32: the inputs (or supplied weights) are too large."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from attention import small
 from attention.cache import BoundedCache
+from attention.errors import AnswerOverflowError
 from attention.parameters import Parameters, named_parameters, with_parameters
 from attention.registry import AttentionConfig, Variant
 
@@ -33,6 +34,9 @@ class AttentionResult:
     attention_weights: Array | None  # (b, T, T), or (b, H, T, T) for multi-head
     # The steps asked for by name (see registry.STEPS); "parameters" holds named_parameters.
     steps: dict[str, object] = field(default_factory=dict)
+    # (values kept per token, tokens kept per sequence) by one layer's KV cache; None for a
+    # variant without keys and values of its own.
+    kv_cache: tuple[int, int] | None = None
 
 
 @dataclass
@@ -90,21 +94,62 @@ class AttentionRunner:
         `named_parameters` gives them) replace the seeded weights, as `load_state_dict` would
         after `torch.manual_seed(seed); BookClass(...)`: dropout still continues the seed's stream.
         Padded keys get no attention; whatever a padded position computes comes back as NaN, so
-        no number in the answer stands for padding.
+        no number in the answer stands for padding. An answer that overflowed float32 is
+        refused (AnswerOverflowError): its NaNs would read as padding.
         """
         variant.check(config)
         if padding is not None and not padding.any():
             padding = None  # a full mask: the same computation, to the bit, as no mask
         seeded = self.seeded(variant, config)
-        work = config.multiply_adds(inputs.shape[0], inputs.shape[1])
-        if (
+        weights = self.small_path_weights(variant, seeded, config, inputs, padding, parameters)
+        if weights is not None:  # the small path cannot overflow: no check needed
+            result = self.run_small(seeded, weights, inputs, return_weights, include, parameters)
+        else:
+            result = self.run_torch(
+                seeded, inputs, config, return_weights, include, parameters, padding, threads
+            )
+            checked_finite(result.context_vectors, padding)
+        kv_cache = getattr(seeded.module, "kv_cache", None)
+        if kv_cache is not None:
+            result.kv_cache = kv_cache(inputs.shape[1])
+        return result
+
+    @staticmethod
+    def small_path_weights(
+        variant: Variant,
+        seeded: SeededModule,
+        config: AttentionConfig,
+        inputs: Array,
+        padding: torch.Tensor | None,
+        parameters: Parameters | None,
+    ) -> small.NumpyWeights | None:
+        """The weights the small path computes with, or None where torch computes: dropout
+        (its masks come from torch's stream), padding, work beyond SMALL_WORK_LIMIT, and inputs
+        or supplied weights large enough to overflow (see small.moderate)."""
+        if not (
             variant.small_path
             and config.dropout == 0
-            and padding is None  # padding is masked by torch alone
-            and work <= small.SMALL_WORK_LIMIT
+            and padding is None
+            and config.multiply_adds(inputs.shape[0], inputs.shape[1]) <= small.SMALL_WORK_LIMIT
             and small.moderate(inputs)
         ):
-            return self.run_small(seeded, inputs, return_weights, include, parameters)
+            return None
+        if parameters is None:
+            return seeded.small_weights()
+        weights = small.numpy_weights(seeded.module, parameters)
+        return weights if small.moderate_weights(weights) else None
+
+    @staticmethod
+    def run_torch(
+        seeded: SeededModule,
+        inputs: Array,
+        config: AttentionConfig,
+        return_weights: bool,
+        include: tuple[str, ...],
+        parameters: Parameters | None,
+        padding: torch.Tensor | None,
+        threads: int | None,
+    ) -> AttentionResult:
         if threads is not None:
             torch.set_num_threads(threads)
         module, state_after_init = seeded.module, seeded.state_after_init
@@ -141,15 +186,12 @@ class AttentionRunner:
     @staticmethod
     def run_small(
         seeded: SeededModule,
+        weights: small.NumpyWeights,
         inputs: Array,
         return_weights: bool,
         include: tuple[str, ...],
         parameters: Parameters | None,
     ) -> AttentionResult:
-        if parameters is None:
-            weights = seeded.small_weights()
-        else:
-            weights = small.numpy_weights(seeded.module, parameters)
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.numpy()
         steps: small.Steps | None = {} if include else None
@@ -163,6 +205,26 @@ class AttentionRunner:
         }
         chosen = {name: recorded[name] for name in include}
         return AttentionResult(context_vec, attn_weights, chosen)
+
+
+def checked_finite(context_vectors: Array, padding: torch.Tensor | None) -> None:
+    """Refuse an answer whose arithmetic overflowed float32 (inputs of ~1e19 and more make
+    scores beyond its range): its weights and context vectors would be NaN, which the service
+    writes as null, the mark of padding. The context vectors carry any overflow on to the
+    answer, so they alone are checked, over the real positions (padded ones are NaN by design).
+    """
+    if isinstance(context_vectors, np.ndarray):
+        finite = np.isfinite(context_vectors).all()
+    else:
+        if padding is not None:
+            context_vectors = context_vectors[~padding]  # (real tokens, d)
+        finite = torch.isfinite(context_vectors).all()
+    if not finite:
+        raise AnswerOverflowError(
+            "the computation overflowed float32 (its largest number is about 3.4e38): the "
+            "scores of inputs this large are beyond it; scale the inputs down",
+            field="embeddings",
+        )
 
 
 # Which axes of each step belong to padded positions: the rows (queries, or tokens) always; the

@@ -191,17 +191,36 @@ def attend(
     return product(weights, values), weights
 
 
-# Inputs whose squares sum to more than this go to torch: numpy warns when its products
-# overflow float32, torch does not, and the service refuses an overflowed answer either way.
-# Below it (|x| < 1e12) no product of the book's classes' weights comes near float32's range.
+# Inputs whose squares sum to more than this go to torch, and so do supplied weights beyond
+# MODERATE_WEIGHTS_SUM_OF_SQUARES (see moderate_weights): numpy warns when its products overflow
+# float32, torch does not, and the service refuses an overflowed answer either way. Within both
+# bounds (|x| <= 1e12 and |W| <= 1e6 in Frobenius norm, which seeded weights, each entry below 1
+# in a computation within SMALL_WORK_LIMIT, stay far below) no score exceeds
+# (1e12 * 1e6)^2 = 1e36 and no number overflows: the small path needs no check for overflow.
 MODERATE_SUM_OF_SQUARES = 1e24
+MODERATE_WEIGHTS_SUM_OF_SQUARES = 1e12
 
 
-def moderate(x: np.ndarray | torch.Tensor) -> bool:
+def moderate(x: np.ndarray | torch.Tensor, bound: float = MODERATE_SUM_OF_SQUARES) -> bool:
     """Whether the small path can take `x` without numpy overflowing: one product, in float64,
     which cannot overflow on float32's numbers (~1 us for the book's example)."""
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    return bool(flat.dot(flat) <= MODERATE_SUM_OF_SQUARES)
+    return bool(flat.dot(flat) <= bound)
+
+
+def moderate_weights(weights: NumpyWeights) -> bool:
+    """Whether supplied weights are moderate: the squares of each kind (the query, key and value
+    matrices side by side, their biases, the output projection's) sum to at most
+    MODERATE_WEIGHTS_SUM_OF_SQUARES, which bounds every matrix among them."""
+    arrays = (
+        weights.projections,
+        weights.projection_biases,
+        weights.out_proj,
+        weights.out_proj_bias,
+    )
+    return all(
+        moderate(array, MODERATE_WEIGHTS_SUM_OF_SQUARES) for array in arrays if array is not None
+    )
 
 
 def forward(

@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 
 from attention import (
     STEPS,
+    AnswerOverflowError,
     AttentionConfig,
-    AttentionInputError,
     AttentionRunner,
     EmbeddingTables,
     Token,
@@ -328,17 +328,21 @@ class Engine:
         if job.tokens is not None:  # the embedding lookups run in torch too
             torch.set_num_threads(threads)
         request = job.request
-        result = self.runner.run(
-            job.variant,
-            self.inputs(job),
-            job.config,
-            return_weights=request.return_weights,
-            include=job.include,
-            parameters=job.parameters,
-            padding=None if job.padding is None else torch.from_numpy(job.padding),
-            threads=threads,
-        )
-        checked_finite_answer(result.context_vectors, job)
+        try:
+            result = self.runner.run(
+                job.variant,
+                self.inputs(job),
+                job.config,
+                return_weights=request.return_weights,
+                include=job.include,
+                parameters=job.parameters,
+                padding=None if job.padding is None else torch.from_numpy(job.padding),
+                threads=threads,
+            )
+        except AnswerOverflowError as error:
+            if job.tokens is None:
+                raise
+            raise AnswerOverflowError(str(error), field="text") from None
         if self.count_tokens is not None:
             self.count_tokens(job.variant.name, job.batch_size * job.num_tokens)
         payload: dict[str, Any] = {"variant": job.variant.name}
@@ -357,26 +361,18 @@ class Engine:
                 else self.step_output(value, job, batch_axis=name != "mask")
                 for name, value in result.steps.items()
             }
-        kv_cache = self.kv_cache(job)
-        if kv_cache is not None:
-            payload["kv_cache"] = kv_cache
+        if result.kv_cache is not None:
+            # One layer's cache over the whole batch (padding included, as a cache of the
+            # padded batch would hold it).
+            values_per_token, tokens = result.kv_cache
+            tokens *= job.batch_size
+            payload["kv_cache"] = {
+                "values_per_token": values_per_token,
+                "tokens": tokens,
+                "values": values_per_token * tokens,
+            }
         payload["config"] = self.config_report(job)
         return payload
-
-    def kv_cache(self, job: Job) -> dict[str, int] | None:
-        """What one layer's KV cache holds for this configuration and input: the values per
-        token times the tokens it keeps, over the whole batch (padding included, as a cache of
-        the padded batch would hold it). None for a variant without keys and values of its own."""
-        module, _ = self.runner.module(job.variant, job.config)
-        if not hasattr(module, "kv_cache"):
-            return None
-        values_per_token, tokens = module.kv_cache(job.num_tokens)
-        tokens *= job.batch_size
-        return {
-            "values_per_token": values_per_token,
-            "tokens": tokens,
-            "values": values_per_token * tokens,
-        }
 
     @staticmethod
     def output(tensor: np.ndarray | torch.Tensor, job: Job) -> np.ndarray:
@@ -412,19 +408,9 @@ class Engine:
 
     @staticmethod
     def config_report(job: Job) -> dict[str, Any]:
-        config, request = job.config, job.request
-        report: dict[str, Any] = {
-            "d_in": config.d_in,
-            "d_out": config.d_out,
-            "num_heads": config.num_heads,
-            "head_dim": config.head_dim,
-            "output_dim": config.output_dim,
-            "seed": config.seed,
-            "dropout": config.dropout,
-            "qkv_bias": config.qkv_bias,
-            "implementation": config.implementation,
-            **dict(config.options),
-            "book_class": job.variant.book_class(config.implementation),
+        request = job.request
+        report = {
+            **configuration_report(job.variant, job.config),
             "return_weights": request.return_weights,
             "decimals": request.decimals,
             "batch_size": job.batch_size if job.batched else None,
@@ -434,6 +420,26 @@ class Engine:
             for name in TEXT_PARAMETERS:
                 report[name] = getattr(request, name)
         return report
+
+
+@lru_cache(maxsize=4096)
+def configuration_report(variant: Variant, config: AttentionConfig) -> dict[str, Any]:
+    """The answer's `config` as far as the configuration alone decides it: made once per
+    configuration (read-only; the answer copies it), as repeats of one configuration are the
+    usual traffic and building it was a measurable part of a small request."""
+    return {
+        "d_in": config.d_in,
+        "d_out": config.d_out,
+        "num_heads": config.num_heads,
+        "head_dim": config.head_dim,
+        "output_dim": config.output_dim,
+        "seed": config.seed,
+        "dropout": config.dropout,
+        "qkv_bias": config.qkv_bias,
+        "implementation": config.implementation,
+        **dict(config.options),
+        "book_class": variant.book_class(config.implementation),
+    }
 
 
 # The same configurations come again and again. Made once, a repeat is one lookup rather than a
@@ -446,23 +452,6 @@ attention_config = lru_cache(maxsize=4096, typed=True)(AttentionConfig)
 def as_array(tensor: np.ndarray | torch.Tensor) -> np.ndarray:
     """The small path answers numpy arrays already; torch's tensors share their memory."""
     return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
-
-
-def checked_finite_answer(context_vectors: np.ndarray | torch.Tensor, job: Job) -> None:
-    """Refuse an answer whose arithmetic overflowed float32 (inputs of ~1e19 and more make
-    scores beyond its range): its weights and context vectors would be NaN, which the answer
-    writes as null, the mark of padding. The context vectors carry any overflow on to the
-    answer, so they alone are checked (over the real positions: padded ones are NaN by design).
-    """
-    context = as_array(context_vectors)  # (B, T, d)
-    if job.padding is not None:
-        context = context[~job.padding]  # (real tokens, d)
-    if not np.isfinite(context).all():
-        raise AttentionInputError(
-            "the computation overflowed float32 (its largest number is about 3.4e38): the "
-            "scores of inputs this large are beyond it; scale the inputs down",
-            field="text" if job.tokens is not None else "embeddings",
-        )
 
 
 def checked_parameters(

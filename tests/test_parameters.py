@@ -174,3 +174,26 @@ async def test_simplified_has_no_parameters(client):
     [error] = await wrong(client, "simplified", {"parameters": {}})
 
     assert error["type"] == "extra_forbidden"
+
+
+@pytest.mark.parametrize("source", ["embeddings", "text"])
+async def test_weights_so_large_the_computation_overflows_are_a_422(client, source):
+    """Book-sized inputs take the small path, where seeded weights cannot overflow; supplied
+    ones as large as float32 allows can, and are refused like inputs that overflow."""
+    huge = [[1e30, 1e30]] * 3
+    body = {
+        "d_out": 2,
+        "parameters": {"W_query": huge, "W_key": huge, "W_value": huge},
+        **(
+            {"embeddings": BOOK["inputs"]}
+            if source == "embeddings"
+            else {"text": "Your journey", "embedding_dim": 3}
+        ),
+    }
+
+    response = await client.post("/attention/self-attention", json=body)
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", source]
+    assert error["msg"].startswith("the computation overflowed float32")

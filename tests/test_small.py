@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention import VARIANTS, AttentionConfig, AttentionRunner, small
+from attention import VARIANTS, AnswerOverflowError, AttentionConfig, AttentionRunner, small
 from attention.parameters import named_parameters, with_parameters
 
 # 1e-6 relative to each number, and to the largest number of the tensor: a dot product that
@@ -238,6 +238,34 @@ def test_only_small_computations_without_dropout_take_the_numpy_path(shape, drop
     result = AttentionRunner().run(variant, inputs(shape), cfg)
 
     assert isinstance(result.context_vectors, np.ndarray) == small_path
+
+
+@pytest.mark.parametrize(("scale", "small_path"), [(1e5, True), (1e7, False), (1e30, None)])
+def test_supplied_weights_take_the_numpy_path_only_where_nothing_can_overflow(scale, small_path):
+    """Up to a Frobenius norm of 1e6 per kind of weight numpy computes (no warning, no check
+    needed); beyond it torch does, whose answer is checked: None marks an overflow refused."""
+    variant = VARIANTS["multi-head"]
+    cfg = config("multi-head", "fused", 4, d_out=4)
+    runner = AttentionRunner()
+    seeded = named_parameters(runner.module(variant, cfg)[0])
+    # W_qkv side by side has 48 entries of scale / 8: 7.5e9 squared (1e5), 7.5e13 (1e7).
+    supplied = {name: torch.full_like(value, scale / 8) for name, value in seeded.items()}
+
+    def run():
+        return runner.run(variant, inputs((1, 3, 4)), cfg, parameters=supplied)
+
+    if small_path is None:
+        with pytest.raises(AnswerOverflowError, match="overflowed float32"):
+            run()
+        return
+    result = run()
+    assert isinstance(result.context_vectors, np.ndarray) == small_path
+    want, _ = plain(with_parameters(runner.module(variant, cfg)[0], supplied), inputs((1, 3, 4)))
+    assert_equal_numbers(as_tensor_result(result.context_vectors), want, "context_vectors")
+
+
+def as_tensor_result(values: Any) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) else values.numpy()
 
 
 def test_the_numpy_weights_are_copied_once_per_cached_module():
