@@ -232,10 +232,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
         variant = protocol.model(request.model_name, request.model_version or None)
         engine: Engine = self.state.engine
+        # grpc holds the message for the call's length anyway: nothing to free early.
         return await pipeline.run(
             engine,
             self.state.compute_slots,
-            request,
+            [request],
             request.ByteSize(),
             functools.partial(parse, engine, variant),
             write,

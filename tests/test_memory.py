@@ -2,11 +2,13 @@
 
 import threading
 import time
+import weakref
 
+import numpy as np
 import orjson
 import pytest
 
-from service import memory, parsing
+from service import memory, parsing, pipeline
 from service.memory import IdleRelease
 
 
@@ -86,3 +88,59 @@ def test_on_glibc_malloc_is_configured():
     if memory.glibc() is None:
         pytest.skip("not glibc: there is nothing to configure")
     assert memory.configure_malloc()
+
+
+class TrackedBody(bytearray):
+    """A body whose lifetime a test can follow (a bytearray takes no weak reference)."""
+
+
+LARGE_ROWS = np.random.default_rng(3).standard_normal((400, 32)).round(6).tolist()
+LARGE_BODIES = {  # each over the pipeline's INLINE_BODY_BYTES, so parsed on a worker thread
+    "/attention/causal": {"embeddings": LARGE_ROWS, "d_out": 4},
+    "/attention/compare": {"embeddings": LARGE_ROWS, "d_out": 4},
+    "/v2/models/causal/infer": {
+        "inputs": [
+            {
+                "name": "embeddings",
+                "shape": [400, 32],
+                "datatype": "FP32",
+                "data": [x for row in LARGE_ROWS for x in row],
+            }
+        ],
+        "parameters": {"d_out": 4},
+    },
+}
+
+
+@pytest.mark.parametrize("path", list(LARGE_BODIES))
+async def test_a_large_body_is_freed_before_the_computation(client, app, monkeypatch, path):
+    """Once decoded, the body (62 MB for the bench's long input) is no longer held by anyone
+    while the answer is computed: the adapter hands it to the pipeline and keeps no reference."""
+    from service.routes import attention, compare, inference_protocol
+
+    bodies: list[weakref.ref] = []
+
+    async def tracked_read_body(request, limit):
+        body = TrackedBody(await real_read_body(request, limit))
+        bodies.append(weakref.ref(body))
+        return body
+
+    real_read_body = attention.read_body
+    for module in (attention, compare, inference_protocol):
+        monkeypatch.setattr(module, "read_body", tracked_read_body)
+    alive_while_computing: list[bool] = []
+    engine = app.state.engine
+    real_payload = engine.payload
+
+    def payload(job, **kwargs):
+        alive_while_computing.append(bodies[-1]() is not None)
+        return real_payload(job, **kwargs)
+
+    monkeypatch.setattr(engine, "payload", payload)
+    body = orjson.dumps(LARGE_BODIES[path])
+    assert len(body) > pipeline.INLINE_BODY_BYTES
+
+    response = await client.post(path, content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 200, response.text
+    assert alive_while_computing and not any(alive_while_computing)

@@ -162,10 +162,10 @@ def compute_endpoint(variant: Variant) -> Callable[..., Awaitable[Response]]:
     async def compute(request: Request) -> Response:
         engine: Engine = request.app.state.engine
         require_media_type(request.scope, JSON_MEDIA_TYPES)
-        body = await read_body(request, engine.settings.max_body_bytes)
+        received = [await read_body(request, engine.settings.max_body_bytes)]
         parse = functools.partial(parse_one, engine, variant)
         content = await pipeline.run(
-            engine, request.app.state.compute_slots, body, len(body), parse, write_one
+            engine, request.app.state.compute_slots, received, len(received[0]), parse, write_one
         )
         return answer_response(content)
 

@@ -189,10 +189,10 @@ def write_answers(plan: Plan, payloads: list[dict[str, Any]]) -> bytes | Iterato
 async def compare(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     require_media_type(request.scope, JSON_MEDIA_TYPES)
-    body = await read_body(request, engine.settings.max_body_bytes)
+    received = [await read_body(request, engine.settings.max_body_bytes)]
     parse = functools.partial(prepare_all, engine)
     content = await pipeline.run(
-        engine, request.app.state.compute_slots, body, len(body), parse, write_answers
+        engine, request.app.state.compute_slots, received, len(received[0]), parse, write_answers
     )
     return answer_response(content)
 

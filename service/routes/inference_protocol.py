@@ -594,12 +594,12 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     variant = protocol.model(model_name, model_version)
     require_media_type(request.scope, REQUEST_MEDIA_TYPES, absent_allowed=True)
     engine: Engine = request.app.state.engine
-    body = await read_body(request, engine.settings.max_body_bytes)
+    received = [await read_body(request, engine.settings.max_body_bytes)]
     written = await pipeline.run(
         engine,
         request.app.state.compute_slots,
-        body,
-        len(body),
+        received,
+        len(received[0]),
         functools.partial(parse, engine, variant, request),
         write,
     )
