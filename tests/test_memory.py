@@ -1,5 +1,7 @@
 """Memory handed back when idle (service.memory): when the release runs, and what it drops."""
 
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -144,3 +146,23 @@ async def test_a_large_body_is_freed_before_the_computation(client, app, monkeyp
 
     assert response.status_code == 200, response.text
     assert alive_while_computing and not any(alive_while_computing)
+
+
+def test_building_the_seeded_modules_loads_no_symbolic_maths():
+    """torch's `skip_init` imports sympy on its first call (~1 s and ~36 MB on a server's first
+    request for a configuration): building every variant's module must not."""
+    script = """
+import sys
+from attention import VARIANTS, AttentionConfig, AttentionRunner
+runner = AttentionRunner()
+for variant in VARIANTS.values():
+    options = tuple((option.name, option.resolve(None, 8)) for option in variant.options)
+    for implementation in variant.implementations:
+        bias = implementation != "v1"  # SelfAttention_v1 has no bias vectors
+        runner.seeded(variant, AttentionConfig(8, 8, 2, 1, 0.0, bias, implementation, options))
+print("sympy" in sys.modules)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "False", result.stderr
