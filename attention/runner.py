@@ -207,19 +207,15 @@ class AttentionRunner:
         return AttentionResult(context_vec, attn_weights, chosen)
 
 
-def checked_finite(context_vectors: Array, padding: torch.Tensor | None) -> None:
-    """Refuse an answer whose arithmetic overflowed float32 (inputs of ~1e19 and more make
-    scores beyond its range): its weights and context vectors would be NaN, which the service
-    writes as null, the mark of padding. The context vectors carry any overflow on to the
-    answer, so they alone are checked, over the real positions (padded ones are NaN by design).
-    """
-    if isinstance(context_vectors, np.ndarray):
-        finite = np.isfinite(context_vectors).all()
-    else:
-        if padding is not None:
-            context_vectors = context_vectors[~padding]  # (real tokens, d)
-        finite = torch.isfinite(context_vectors).all()
-    if not finite:
+def checked_finite(context_vectors: torch.Tensor, padding: torch.Tensor | None) -> None:
+    """Refuse an answer of torch's whose arithmetic overflowed float32 (inputs of ~1e19 and more
+    make scores beyond its range): its weights and context vectors would be NaN, which the
+    service writes as null, the mark of padding. The context vectors (b, T, d) carry any
+    overflow on to the answer, so they alone are checked, over the real positions (padded ones
+    are NaN by design)."""
+    if padding is not None:
+        context_vectors = context_vectors[~padding]  # (real tokens, d)
+    if not torch.isfinite(context_vectors).all():
         raise AnswerOverflowError(
             "the computation overflowed float32 (its largest number is about 3.4e38): the "
             "scores of inputs this large are beyond it; scale the inputs down",
