@@ -66,28 +66,28 @@ def grpc_call(address: str) -> Callable[[], float]:
 
 
 def binary_against_json(rest_address: str) -> float:
-    binary, json = http_call(rest_address, True), http_call(rest_address, False)
-    binary(), json()  # the seeded module built and cached, connections open
-    ours, baseline = interleaved_medians(binary, json, ROUNDS)
-    return report(
+    return side_by_side(
         "protocol: binary against JSON",
-        ours * 1e3,
-        baseline * 1e3,
-        "ms",
+        http_call(rest_address, True),
+        http_call(rest_address, False),
         "binary >= 4x faster: <= 0.25x",
         at_most=0.25,
     )
 
 
 def grpc_against_binary_rest(rest_address: str, grpc_address: str) -> float:
-    grpc, binary = grpc_call(grpc_address), http_call(rest_address, True)
-    grpc(), binary()
-    ours, baseline = interleaved_medians(grpc, binary, ROUNDS)
-    return report(
+    return side_by_side(
         "protocol: gRPC against binary REST",
-        ours * 1e3,
-        baseline * 1e3,
-        "ms",
+        grpc_call(grpc_address),
+        http_call(rest_address, True),
         "<= 1.2x",
         at_most=1.2,
     )
+
+
+def side_by_side(
+    case: str, ours: Callable[[], float], baseline: Callable[[], float], goal: str, at_most: float
+) -> float:
+    ours(), baseline()  # the seeded module built and cached, connections open
+    our_seconds, baseline_seconds = interleaved_medians(ours, baseline, ROUNDS)
+    return report(case, our_seconds * 1e3, baseline_seconds * 1e3, "ms", goal, at_most=at_most)

@@ -302,31 +302,44 @@ async def documented_versioned_metadata(
     return await model_metadata(request=request, model_name=model_name, model_version=model_version)
 
 
-for path, endpoint, summary in [
-    ("/models/{model_name}", documented_metadata, "Model metadata"),
-    ("/models/{model_name}/versions/{model_version}", documented_versioned_metadata, None),
+for path, endpoint, summary, model, responses in [
+    (
+        "/models/{model_name}",
+        documented_metadata,
+        "Model metadata",
+        ModelMetadata,
+        {404: UNKNOWN_MODEL},
+    ),
+    (
+        "/models/{model_name}/versions/{model_version}",
+        documented_versioned_metadata,
+        "Model metadata, of its one version",
+        ModelMetadata,
+        {404: UNKNOWN_MODEL},
+    ),
+    (
+        "/models/{model_name}/ready",
+        documented_ready,
+        "Model ready",
+        ModelReady,
+        MODEL_READY_RESPONSES,
+    ),
+    (
+        "/models/{model_name}/versions/{model_version}/ready",
+        documented_versioned_ready,
+        "Model ready, its one version",
+        ModelReady,
+        MODEL_READY_RESPONSES,
+    ),
 ]:
     router.add_api_route(
         path,
         endpoint,
         methods=["GET"],
         route_class_override=PathParamsRoute,
-        summary=summary or "Model metadata, of its one version",
-        response_model=ModelMetadata,
-        responses={404: UNKNOWN_MODEL},
-    )
-for path, endpoint, summary in [
-    ("/models/{model_name}/ready", documented_ready, "Model ready"),
-    ("/models/{model_name}/versions/{model_version}/ready", documented_versioned_ready, None),
-]:
-    router.add_api_route(
-        path,
-        endpoint,
-        methods=["GET"],
-        route_class_override=PathParamsRoute,
-        summary=summary or "Model ready, its one version",
-        response_model=ModelReady,
-        responses=MODEL_READY_RESPONSES,
+        summary=summary,
+        response_model=model,
+        responses=responses,
     )
 
 
