@@ -108,7 +108,7 @@ class AttentionRunner:
             result = self.run_torch(
                 seeded, inputs, config, return_weights, include, parameters, padding, threads
             )
-            checked_finite(result.context_vectors, padding)
+            checked_no_overflow(result.context_vectors, padding)
         kv_cache = getattr(seeded.module, "kv_cache", None)
         if kv_cache is not None:
             result.kv_cache = kv_cache(inputs.shape[1])
@@ -207,7 +207,7 @@ class AttentionRunner:
         return AttentionResult(context_vec, attn_weights, chosen)
 
 
-def checked_finite(context_vectors: torch.Tensor, padding: torch.Tensor | None) -> None:
+def checked_no_overflow(context_vectors: torch.Tensor, padding: torch.Tensor | None) -> None:
     """Refuse an answer of torch's whose arithmetic overflowed float32 (inputs of ~1e19 and more
     make scores beyond its range): its weights and context vectors would be NaN, which the
     service writes as null, the mark of padding. The context vectors (b, T, d) carry any

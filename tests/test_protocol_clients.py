@@ -78,8 +78,10 @@ def assert_bits(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
 
 
 def triton_input(module, array: np.ndarray):
+    """The embeddings input of tritonclient.http or .grpc (`module`), as their users make it:
+    the default sends the tensor's bytes (binary tensor data, or gRPC's raw_input_contents)."""
     tensor = module.InferInput("embeddings", list(array.shape), "FP32")
-    tensor.set_data_from_numpy(array)  # the default: binary tensor data
+    tensor.set_data_from_numpy(array)
     return tensor
 
 

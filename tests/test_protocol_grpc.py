@@ -37,6 +37,7 @@ from tests.test_protocol_clients import (
     kserve_call,
     native,
     parameters_for,
+    triton_input,
 )
 
 LIMITS = {"max_tokens": "64", "max_body_bytes": "200000"}
@@ -48,12 +49,6 @@ def servers() -> Iterator[tuple[str, str]]:
     grpc_port = free_port()
     with live_server(grpc_port=str(grpc_port), **LIMITS) as rest:
         yield rest, f"127.0.0.1:{grpc_port}"
-
-
-def triton_input(module, array: np.ndarray):
-    tensor = module.InferInput("embeddings", list(array.shape), "FP32")
-    tensor.set_data_from_numpy(array)  # the default: raw_input_contents
-    return tensor
 
 
 # --- tritonclient.grpc ---------------------------------------------------------------------------
