@@ -4,6 +4,25 @@
 # Debian 12's own Python 3.11, in a virtual environment: the base moves only with Debian 12's
 # stable and security updates, never to another Debian or Python release, and it can be rebuilt
 # from Debian's packages alone (debuerreotype), as `make test-container` does.
+# The project's wheel, whose small path is a C extension (attention/small_kernel.c), is built in
+# a stage of its own: the compiler and Python's headers stay out of the image, and a change to
+# the code rebuilds only the wheel.
+FROM debian:bookworm-slim AS build
+# hadolint ignore=DL3008
+RUN --mount=type=secret,id=apt-sources,target=/etc/apt/sources.list.d/debian.sources \
+    apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends \
+        gcc libc6-dev python3 python3-dev python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY attention/ attention/
+COPY service/ service/
+# Built against Debian's Python 3.11, as the image runs it; only the build backend is fetched.
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
 FROM debian:bookworm-slim
 
 # Indexes: Debian's mirror, PyPI, and PyTorch's CPU index for torch (PyPI's torch wheel pulls a
@@ -52,12 +71,9 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
         print("\n".join(project["dependencies"]))' > requirements.txt \
     && pip install --no-cache-dir --use-pep517 --requirement requirements.txt
 
-# The code: a plain (non-editable) install, nothing left to resolve but the build backend.
-COPY README.md ./
-COPY attention/ attention/
-COPY service/ service/
-RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
-    pip install --no-cache-dir --no-deps .
+# The code: a plain (non-editable) install of the wheel the build stage made.
+COPY --from=build /wheels/ /tmp/wheels/
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 # Run from an empty directory, so the code is imported from site-packages, not from /app.
 WORKDIR /srv

@@ -5,8 +5,8 @@ depends on the request alone however many run at once. Seeded modules are built 
 a bounded cache together with the generator state their construction left behind: dropout then
 continues the stream from exactly where `torch.manual_seed(seed); BookClass(...)` would.
 
-Computations below `small.SMALL_WORK_LIMIT` without dropout run the same arithmetic in numpy
-(see `attention.small`), on numpy copies of the weights kept with the cached module.
+Computations below `small.SMALL_WORK_LIMIT` without dropout run the same arithmetic in one call
+of a C kernel (see `attention.small`), on numpy copies of the weights kept with the cached module.
 """
 
 from dataclasses import dataclass, field
@@ -102,9 +102,10 @@ class AttentionRunner:
             padding = None  # a full mask: the same computation, to the bit, as no mask
         seeded = self.seeded(variant, config)
         weights = self.small_path_weights(variant, seeded, config, inputs, padding, parameters)
+        result = None
         if weights is not None:  # the small path cannot overflow: no check needed
             result = self.run_small(seeded, weights, inputs, return_weights, include, parameters)
-        else:
+        if result is None:
             result = self.run_torch(
                 seeded, inputs, config, return_weights, include, parameters, padding, threads
             )
@@ -124,14 +125,14 @@ class AttentionRunner:
         parameters: Parameters | None,
     ) -> small.NumpyWeights | None:
         """The weights the small path computes with, or None where torch computes: dropout
-        (its masks come from torch's stream), padding, work beyond SMALL_WORK_LIMIT, and inputs
-        or supplied weights large enough to overflow (see small.moderate)."""
+        (its masks come from torch's stream), padding, work beyond SMALL_WORK_LIMIT, and
+        supplied weights large enough to overflow (see small.moderate_weights; the small path
+        declines inputs of that kind itself)."""
         if not (
             variant.small_path
             and config.dropout == 0
             and padding is None
             and config.multiply_adds(inputs.shape[0], inputs.shape[1]) <= small.SMALL_WORK_LIMIT
-            and small.moderate(inputs)
         ):
             return None
         if parameters is None:
@@ -191,11 +192,15 @@ class AttentionRunner:
         return_weights: bool,
         include: tuple[str, ...],
         parameters: Parameters | None,
-    ) -> AttentionResult:
+    ) -> AttentionResult | None:
+        """The small path's result, or None where it declines the inputs (see small.forward)."""
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.numpy()
         steps: small.Steps | None = {} if include else None
-        context_vec, attn_weights = small.forward(weights, inputs, steps=steps)
+        computed = small.forward(weights, inputs, steps=steps)
+        if computed is None:
+            return None
+        context_vec, attn_weights = computed
         attn_weights = attn_weights if return_weights else None
         if not include:
             return AttentionResult(context_vec, attn_weights)

@@ -2,16 +2,15 @@
 
 On this project's CPU each torch operation costs ~10 us of dispatch whatever its size, and the
 book's 6 x 3 example needs a dozen of them. So below SMALL_WORK_LIMIT multiply-adds (see
-`AttentionConfig.multiply_adds`) a computation without dropout runs here, on numpy copies of
-the module's weights: the operations of `attention.variants` and `attention.functional.attend`,
-in their order, but for two that change only float32 rounding: softmax skips its shift by the
-row's maximum while the scores are small enough not to need it, and sums each row with a
-product (see `attend`). The results equal torch's up to float32 rounding (each library sums in
-its own order); the tests hold every variant to that. Dropout stays with torch: its masks must
-come from torch's random stream.
+`AttentionConfig.multiply_adds`) a computation without dropout runs in one call of a C kernel
+(attention/small_kernel.c), on float32 copies of the module's weights kept here: the operations
+of `attention.variants` and `attention.functional.attend`, in their order. The results equal
+torch's up to float32 rounding (each sums in its own order); the tests hold every variant and
+step to that. Dropout stays with torch: its masks must come from torch's random stream.
 
 This second implementation of the arithmetic serves the bench's small-answer and throughput
-goals (docs/performance.md): without it the book's request is slower than a bare echo.
+goals (docs/performance.md): with torch alone, or numpy's dozen calls, the book's request is
+slower than a bare echo endpoint.
 """
 
 import math
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attention import _small_kernel
 from attention.parameters import Parameters, named_parameters
 from attention.variants import (
     CausalAttention,
@@ -30,15 +30,12 @@ from attention.variants import (
     SimplifiedSelfAttention,
 )
 
-# Measured on a 2-core CPU (torch 2.13, numpy 2.4, one thread): the book's example takes 15 us
-# here against 66 us in torch; numpy is still 2-4x ahead at 32 tokens x 64 dimensions (~0.6M
-# multiply-adds) and falls behind for the fused heads at 128 x 64 (~4M). The limit matches the
-# default `inline_work_limit`, whose computations run on the event loop, where every microsecond
-# is the server's.
+# Measured on a 2-core CPU (torch 2.13, one thread): the book's example takes ~2 us here against
+# ~30 us in torch; at the limit (~0.2M multiply-adds: the wrapper's 4 heads over 32 tokens x 32
+# dimensions) 34 us against 186; at ~0.7M (one head over 32 x 64) the two are level, and beyond,
+# torch's vectorised products pull ahead. The limit matches the default `inline_work_limit`,
+# whose computations run on the event loop, where every microsecond is the server's.
 SMALL_WORK_LIMIT = 200_000
-# Scores within +-30 exponentiate to [9e-14, 1e13]: no overflow, and for up to 10^4 keys every
-# weight stays a normal float32 (>= 9e-14 / 1e17), so softmax needs no shift (see `attend`).
-SHIFTLESS_BOUND = 30.0
 
 Steps = dict[str, np.ndarray]
 
@@ -111,99 +108,32 @@ def key_scale(head_dim: int) -> np.float32:
 
 
 def own(tensor) -> np.ndarray:
-    """A C-contiguous float32 copy: numpy's products are fastest on it, and the module's
-    tensors stay untouched."""
+    """A C-contiguous float32 copy, as the kernel reads it; the module's tensors stay
+    untouched."""
     return np.array(tensor.detach().numpy(), dtype=np.float32, order="C")
 
 
 @lru_cache(maxsize=64)
-def ones_column(num_tokens: int) -> np.ndarray:
-    """(T, 1) ones, shared and read-only: a product with it sums each row."""
-    ones = np.ones((num_tokens, 1), dtype=np.float32)
-    ones.flags.writeable = False
-    return ones
-
-
-@lru_cache(maxsize=64)
 def causal_mask(num_tokens: int) -> np.ndarray:
-    """(T, T) booleans, True above the diagonal, shared and read-only."""
+    """(T, T) booleans, True above the diagonal, shared and read-only: the `mask` step."""
     mask = np.triu(np.ones((num_tokens, num_tokens), dtype=bool), k=1)
     mask.flags.writeable = False
     return mask
 
 
-def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b. Two matrices go through ndarray.dot, which hands them to BLAS directly: a third of
-    the per-call cost of matmul, whose general (stacked) machinery a tiny product does not need."""
-    if a.ndim == 2 and b.ndim == 2:
-        return a.dot(b)
-    return a @ b
-
-
-def project(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """`nn.Linear` (or v1's `x @ W`): the product, then the bias, as addmm adds it."""
-    projected = product(x, weight)
-    if bias is not None:
-        projected += bias
-    return projected
-
-
-def attend(
-    queries: np.ndarray,
-    keys: np.ndarray,
-    values: np.ndarray,
-    *,
-    causal: bool,
-    scale: np.float32 | None,
-    steps: Steps | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`attention.functional.attend`'s explicit path without dropout: (context, weights).
-    scale: sqrt(d_k), or None for the simplified attention, which does not scale."""
-    scores = product(queries, keys.swapaxes(-2, -1))  # (..., T, T)
-    if steps is not None:
-        steps["attention_scores"] = scores
-        scores = scores.copy()  # the raw scores are a step of their own: mask a copy
-    if scale is not None:  # before the mask, as the masked entries stay -inf either way
-        scores /= scale
-    # Softmax: exponentiate, normalise. torch first shifts each row by its maximum, so that
-    # exp can neither overflow nor lose a row to underflow. While every score is within
-    # +-SHIFTLESS_BOUND neither can happen and the shift changes only float32 rounding, so it is
-    # skipped; the bound is checked with one product (the sum of squares), and the rows are
-    # summed with another. A row's maximum, the subtraction and a reduction are among numpy's
-    # costliest calls on a tiny matrix: inside a server this function and its callers took
-    # ~25-28 us a book-sized request with them, ~20-23 without (the compiled kernels this path
-    # replaces, ~8-10).
-    flat = scores.reshape(-1)
-    shift = not flat.dot(flat) <= SHIFTLESS_BOUND**2  # also when it is inf or nan
-    if causal:
-        mask = causal_mask(scores.shape[-1])
-        np.copyto(scores, -np.inf, where=mask)
-        if steps is not None:
-            steps["mask"] = mask
-    if scale is not None and steps is not None:
-        steps["scaled_scores"] = scores.copy()
-    if shift:
-        scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
-    weights = np.exp(scores, out=scores)
-    weights /= product(weights, ones_column(weights.shape[-1]))  # each row's sum, (..., T, 1)
-    if steps is not None and causal:
-        steps["weights_before_dropout"] = weights  # no dropout here: the weights themselves
-    return product(weights, values), weights
-
-
-# Inputs whose squares sum to more than this go to torch, and so do supplied weights beyond
-# MODERATE_WEIGHTS_SUM_OF_SQUARES (see moderate_weights): numpy warns when its products overflow
-# float32, torch does not, and the service refuses an overflowed answer either way. Within both
-# bounds (|x| <= 1e12 and |W| <= 1e6 in Frobenius norm, which seeded weights, each entry below 1
-# in a computation within SMALL_WORK_LIMIT, stay far below) no score exceeds
-# (1e12 * 1e6)^2 = 1e36 and no number overflows: the small path needs no check for overflow.
+# Inputs whose squares sum to more than this go to torch (the kernel declines them, with the same
+# bound), and so do supplied weights beyond MODERATE_WEIGHTS_SUM_OF_SQUARES (see
+# moderate_weights): the service refuses an overflowed answer, and torch's path is the one that
+# checks. Within both bounds (|x| <= 1e12 and |W| <= 1e6 in Frobenius norm, which seeded
+# weights, each entry below 1 in a computation within SMALL_WORK_LIMIT, stay far below) no score
+# exceeds (1e12 * 1e6)^2 = 1e36 and no number overflows: the small path needs no such check.
 MODERATE_SUM_OF_SQUARES = 1e24
 MODERATE_WEIGHTS_SUM_OF_SQUARES = 1e12
 
 
-def moderate(x: np.ndarray | torch.Tensor, bound: float = MODERATE_SUM_OF_SQUARES) -> bool:
-    """Whether the small path can take `x` without numpy overflowing: one product, in float64,
-    which cannot overflow on float32's numbers (~1 us for the book's example)."""
+def moderate(x: np.ndarray | torch.Tensor, bound: float) -> bool:
+    """Whether the squares of `x` sum to at most `bound`: one product, in float64, which cannot
+    overflow on float32's numbers."""
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
     return bool(flat.dot(flat) <= bound)
 
@@ -223,59 +153,85 @@ def moderate_weights(weights: NumpyWeights) -> bool:
     )
 
 
+KINDS = {"simplified": 0, "single": 1, "wrapper": 2, "fused": 3}  # the kernel's numbering
+# The kernel's steps, in its order; each (b, heads, T, head_dim) or (b, heads, T, T).
+KERNEL_STEPS = (
+    "queries",
+    "keys",
+    "values",
+    "attention_scores",
+    "scaled_scores",
+    "head_outputs",
+)
+
+
 def forward(
     weights: NumpyWeights, x: np.ndarray, *, steps: Steps | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Context vectors (b, T, output_dim) and attention weights (b, T, T) or (b, H, T, T).
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Context vectors (b, T, output_dim) and attention weights (b, T, T) or (b, H, T, T), or
+    None for inputs too large to be moderate (torch computes those; see MODERATE_SUM_OF_SQUARES).
 
     x: (b, T, d_in) float32. `steps`, when given, receives the same tensors under the same
     names as the torch modules record them (parameters aside: the runner adds those). Asking
-    for steps never changes a number of the answer: the same operations run either way.
+    for steps never changes a number of the answer: the kernel copies them out of the same
+    computation.
     """
-    if x.shape[0] != 1:
-        return forward_sequences(weights, x, steps)
-    # One sequence, the usual request: computed on its (T, d_in) matrix, whose products are
-    # cheaper calls (see `product`), with the batch axis put back on the results.
-    context, attention = forward_sequences(weights, x[0], steps)
-    if steps is not None:
-        for name, step in steps.items():
-            if name != "mask":  # (T, T) whatever the batch
-                steps[name] = step[np.newaxis]
-    return context[np.newaxis], attention[np.newaxis]
-
-
-def forward_sequences(
-    weights: NumpyWeights, x: np.ndarray, steps: Steps | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """`forward` on x (..., T, d_in): a batch (b, T, d_in) or one sequence (T, d_in), whose
-    results then have no batch axis either."""
-    if weights.kind == "simplified":
-        return attend(x, x, x, causal=False, scale=None, steps=steps)
-    if weights.kind == "wrapper":
-        x = x[..., np.newaxis, :, :]  # (..., 1, T, d_in) against (H, d_in, 3 d_out): all heads
-    projected = project(x, weights.projections, weights.projection_biases)
-    width = projected.shape[-1] // 3
-    queries, keys, values = (
-        projected[..., :width],
-        projected[..., width : 2 * width],
-        projected[..., 2 * width :],
+    batch, num_tokens, d_in = x.shape
+    kind, heads = weights.kind, weights.num_heads
+    width = d_in if kind == "simplified" else weights.projections.shape[-1] // 3
+    multi_head = kind in ("wrapper", "fused")
+    attention = np.empty((batch, heads, num_tokens, num_tokens), np.float32)
+    context = np.empty(
+        (batch, num_tokens, heads * width if kind == "wrapper" else width), np.float32
     )
-    if weights.kind == "fused":
-        split = (*keys.shape[:-1], weights.num_heads, width // weights.num_heads)
-        keys = keys.reshape(split).swapaxes(-3, -2)  # (..., H, T, head_dim)
-        queries = queries.reshape(split).swapaxes(-3, -2)
-        values = values.reshape(split).swapaxes(-3, -2)
+    recorded = None
     if steps is not None:
-        steps.update(queries=queries, keys=keys, values=values)
-    context, attention = attend(
-        queries, keys, values, causal=weights.causal, scale=weights.scale, steps=steps
-    )
-    if weights.kind == "single":
-        return context, attention
-    if steps is not None:
-        steps["head_outputs"] = context  # (..., H, T, head_dim or d_out)
-    *leading, heads, num_tokens, width = context.shape
-    context = context.swapaxes(-3, -2).reshape(*leading, num_tokens, heads * width)
-    if weights.kind == "fused":
-        context = project(context, weights.out_proj, weights.out_proj_bias)
+        head_dim = width // heads if kind == "fused" else width
+        per_head = (batch, heads, num_tokens, head_dim)
+        square = (batch, heads, num_tokens, num_tokens)
+        recorded = tuple(
+            np.empty(square if "scores" in name else per_head, np.float32) for name in KERNEL_STEPS
+        )
+    if not _small_kernel.forward(
+        x if x.flags.c_contiguous else np.ascontiguousarray(x),
+        KINDS[kind],
+        weights.causal,
+        heads,
+        width,
+        0.0 if weights.scale is None else weights.scale,
+        weights.projections,
+        weights.projection_biases,
+        weights.out_proj,
+        weights.out_proj_bias,
+        attention,
+        context,
+        recorded,
+    ):
+        return None
+    if not multi_head:
+        attention = attention.reshape(batch, num_tokens, num_tokens)  # no head axis
+    if recorded is not None:
+        record_steps(steps, weights, recorded, attention, multi_head)
     return context, attention
+
+
+def record_steps(
+    steps: Steps,
+    weights: NumpyWeights,
+    recorded: tuple[np.ndarray, ...],
+    attention: np.ndarray,
+    multi_head: bool,
+) -> None:
+    """The kernel's copies under the torch modules' names and shapes: a single head's steps
+    without the head axis; the ones a kind does not have left out."""
+    named = dict(zip(KERNEL_STEPS, recorded, strict=True))
+    if not multi_head:
+        named = {name: step[:, 0] for name, step in named.items()}
+        del named["head_outputs"]
+    if weights.kind == "simplified":
+        steps["attention_scores"] = named["attention_scores"]
+        return
+    if weights.causal:
+        steps["mask"] = causal_mask(attention.shape[-1])
+        steps["weights_before_dropout"] = attention  # no dropout here: the weights themselves
+    steps.update(named)

@@ -187,7 +187,7 @@ def test_steps_or_not_the_answer_is_the_same_to_the_bit(
 
 @pytest.mark.parametrize(("name", "implementation"), IMPLEMENTATIONS, ids=IDS)
 def test_large_scores_are_shifted_as_torch_shifts_them(name, implementation):
-    """Scores beyond small.SHIFTLESS_BOUND take softmax's shift by the row's maximum: without
+    """Large scores take softmax's shift by the row's maximum, as torch's: without
     it exp would overflow (weights of nan) or lose whole rows to underflow."""
     variant = VARIANTS[name]
     cfg = config(name, implementation, 4, d_out=4)
@@ -200,7 +200,7 @@ def test_large_scores_are_shifted_as_torch_shifts_them(name, implementation):
     steps: dict[str, Any] = {}
     context, weights = plain(module, x, steps=steps)
     softmax_input = steps.get("scaled_scores", steps["attention_scores"])
-    assert softmax_input[softmax_input.isfinite()].abs().max() > small.SHIFTLESS_BOUND
+    assert softmax_input[softmax_input.isfinite()].abs().max() > 30  # exp(30) ~ 1e13
     assert np.isfinite(result.attention_weights).all()
     assert_equal_numbers(result.context_vectors, context, "context_vectors")
     # A score carries float32 rounding relative to the largest score (|s| * 2^-24 per step), and
