@@ -73,7 +73,8 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
 
 # The code: a plain (non-editable) install of the wheel the build stage made.
 COPY --from=build /wheels/ /tmp/wheels/
-RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 # Run from an empty directory, so the code is imported from site-packages, not from /app.
 WORKDIR /srv

@@ -39,6 +39,20 @@ def dockerfile() -> list[tuple[str, str]]:
     return instructions
 
 
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions after its FROM, by the stage's name ("" for the last, the
+    image itself)."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, args in dockerfile():
+        if keyword == "FROM":
+            base, _, name = args.partition(" AS ")
+            current = named.setdefault(name, [("FROM", base)])
+        else:
+            current.append((keyword, args))
+    return named
+
+
 def only(instruction: str) -> str:
     found = [args for keyword, args in dockerfile() if keyword == instruction]
     assert len(found) == 1, f"expected one {instruction}, found {found}"
@@ -105,10 +119,17 @@ def dockerignored(relative: str, patterns: list[str]) -> bool:
 
 def test_dockerfile_base_is_a_pinned_debian_release_with_its_python() -> None:
     # Debian 12 by name: its stable updates move the base, a new Debian or Python release never.
-    assert only("FROM") == "debian:bookworm-slim"
-    (apt,) = [run for run in runs() if "apt-get install" in run]
-    assert re.search(r"apt-get install .*\bpython3 python3-venv\b", apt), apt
-    assert "rm -rf /var/lib/apt/lists/*" in apt
+    # The build stage compiles the small path's kernel against that same Python.
+    assert set(stages()) == {"build", ""}
+    for stage in stages().values():
+        assert stage[0] == ("FROM", "debian:bookworm-slim")
+        (apt,) = [args for keyword, args in stage if "apt-get install" in args]
+        assert re.search(r"apt-get install .*\bpython3\b.*\bpython3-venv\b", apt), apt
+        assert "rm -rf /var/lib/apt/lists/*" in apt
+    (build_apt,) = [args for _, args in stages()["build"] if "apt-get install" in args]
+    assert {"gcc", "python3-dev"} <= set(build_apt.split())
+    (image_apt,) = [args for _, args in stages()[""] if "apt-get install" in args]
+    assert not {"gcc", "python3-dev"} & set(image_apt.split()), "no compiler in the image"
     env = " ".join(args for keyword, args in dockerfile() if keyword == "ENV")
     assert "VIRTUAL_ENV=/opt/venv" in env and "PATH=/opt/venv/bin:$PATH" in env
     assert 'RUN python3 -m venv "$VIRTUAL_ENV"' in [f"RUN {run}" for run in runs()]
@@ -138,7 +159,7 @@ def test_dockerfile_indexes_come_from_secrets_never_from_build_arguments() -> No
     # An ARG's value is kept in `docker history`: a mirror's credentials would leak.
     assert "ARG" not in [keyword for keyword, _ in dockerfile()]
     for run in runs():
-        if "pip install" in run:
+        if re.search(r"pip (install|wheel)", run):
             assert run.startswith("--mount=type=secret,id=pip.conf,target=/etc/pip.conf "), run
         if "apt-get" in run:
             target = "/etc/apt/sources.list.d/debian.sources"
@@ -153,16 +174,24 @@ def test_dockerfile_installs_pinned_cpu_torch_before_the_code() -> None:
     # PyTorch's CPU index, unless a pip.conf secret says otherwise.
     default = "then export PIP_INDEX_URL=https://download.pytorch.org/whl/cpu; fi"
     assert f"if [ ! -s /etc/pip.conf ]; {default}" in torch_install
-    steps = [f"{keyword} {args}" for keyword, args in dockerfile()]
-    torch_step = steps.index(f"RUN {torch_install}")
-    code_steps = [i for i, step in enumerate(steps) if re.match(r"COPY (attention|service)/", step)]
-    assert code_steps, "the Dockerfile must copy the packages"
-    assert torch_step < min(code_steps)
-    # The dependency layer sees pyproject.toml only; the code is installed on top of it.
-    assert steps.index("COPY pyproject.toml ./") < min(code_steps)
-    assert any(step.endswith("pip install --no-cache-dir --no-deps .") for step in steps[-8:])
-    code_install = max(i for i, step in enumerate(steps) if "--no-deps ." in step)
-    assert code_install > max(code_steps), "the code is installed last, non-editable"
+    # The build stage makes the project's wheel from the code alone (its dependencies are the
+    # image's layers), non-editable.
+    build = [f"{keyword} {args}" for keyword, args in stages()["build"]]
+    code_copies = [
+        i for i, step in enumerate(build) if re.match(r"COPY (attention|service)/", step)
+    ]
+    assert len(code_copies) == 2, "the build stage copies both packages"
+    (wheel,) = [i for i, step in enumerate(build) if "pip wheel" in step]
+    assert wheel > max(code_copies) and "--no-deps" in build[wheel].split()
+    # In the image: torch, then the rest of the dependencies (pyproject.toml alone), then the
+    # wheel, installed last: a change to the code rebuilds neither dependency layer.
+    image = [f"{keyword} {args}" for keyword, args in stages()[""]]
+    torch_step = image.index(f"RUN {torch_install}")
+    wheel_copy = image.index("COPY --from=build /wheels/ /tmp/wheels/")
+    assert torch_step < image.index("COPY pyproject.toml ./") < wheel_copy
+    assert not any(re.match(r"COPY (attention|service)/", step) for step in image)
+    (code_install,) = [i for i, step in enumerate(image) if "/tmp/wheels/*.whl" in step]
+    assert code_install == wheel_copy + 1 and "--no-deps" in image[code_install].split()
     assert not any(re.search(r"\s-e\s|--editable", run) for run in runs())
 
 
