@@ -18,6 +18,15 @@ class BoundedCache(Generic[K, V]):
         self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
 
+    def get(self, key: K) -> V | None:
+        """The value kept for `key` (now the most recently used), or None."""
+        with self._lock:
+            value = self._items.get(key, _MISSING)
+            if value is _MISSING:
+                return None
+            self._items.move_to_end(key)
+            return value
+
     def get_or_create(self, key: K, create: Callable[[], V]) -> V:
         with self._lock:
             value = self._items.get(key, _MISSING)  # one lookup: a config's __eq__ is Python

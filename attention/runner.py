@@ -45,11 +45,29 @@ class SeededModule:
     state_after_init: torch.Tensor
     # Made on the first small computation: a large module never needs a second copy.
     numpy_weights: small.NumpyWeights | None = None
+    # num_tokens -> the module's kv_cache(num_tokens), None for a module without one: the
+    # module's answer reads its layers through nn.Module's __getattr__, a cost on every request
+    # for a figure fixed by the configuration and the length.
+    kv_cache_sizes: dict[int, tuple[int, int] | None] = field(default_factory=dict)
 
     def small_weights(self) -> small.NumpyWeights:
         if self.numpy_weights is None:  # two threads may both copy: the copies are equal
             self.numpy_weights = small.numpy_weights(self.module)
         return self.numpy_weights
+
+    def kv_cache(self, num_tokens: int) -> tuple[int, int] | None:
+        """(values kept per token, tokens kept per sequence) by one layer's KV cache."""
+        sizes = self.kv_cache_sizes.get(num_tokens, _UNKNOWN)
+        if sizes is _UNKNOWN:
+            kv_cache = getattr(self.module, "kv_cache", None)
+            sizes = None if kv_cache is None else kv_cache(num_tokens)
+            if len(self.kv_cache_sizes) < KV_CACHE_SIZES_KEPT:
+                self.kv_cache_sizes[num_tokens] = sizes
+        return sizes
+
+
+_UNKNOWN = object()
+KV_CACHE_SIZES_KEPT = 4096  # lengths remembered per module: a few dozen kB at most
 
 
 class AttentionRunner:
@@ -58,6 +76,11 @@ class AttentionRunner:
         self._modules = BoundedCache(module_cache_size)
 
     def seeded(self, variant: Variant, config: AttentionConfig) -> SeededModule:
+        key = (variant.name, config)
+        seeded = self._modules.get(key)  # the usual case: no builder to make
+        if seeded is not None:
+            return seeded
+
         def build() -> SeededModule:
             generator = torch.Generator()
             if config.seed is not None:
@@ -65,7 +88,7 @@ class AttentionRunner:
             module = variant.build(config, generator).eval()
             return SeededModule(module, generator.get_state())
 
-        return self._modules.get_or_create((variant.name, config), build)
+        return self._modules.get_or_create(key, build)
 
     def module(self, variant: Variant, config: AttentionConfig) -> tuple[nn.Module, torch.Tensor]:
         """The seeded module and the generator state right after its construction."""
@@ -110,9 +133,7 @@ class AttentionRunner:
                 seeded, inputs, config, return_weights, include, parameters, padding, threads
             )
             checked_no_overflow(result.context_vectors, padding)
-        kv_cache = getattr(seeded.module, "kv_cache", None)
-        if kv_cache is not None:
-            result.kv_cache = kv_cache(inputs.shape[1])
+        result.kv_cache = seeded.kv_cache(inputs.shape[1])
         return result
 
     @staticmethod

@@ -180,7 +180,12 @@ def forward(
     kind, heads = weights.kind, weights.num_heads
     width = d_in if kind == "simplified" else weights.projections.shape[-1] // 3
     multi_head = kind in ("wrapper", "fused")
-    attention = np.empty((batch, heads, num_tokens, num_tokens), np.float32)
+    # (b, H, T, T) to the kernel, which reads only the count of numbers: made without the head
+    # axis for a single head rather than reshaped after.
+    attention = np.empty(
+        (batch, heads, num_tokens, num_tokens) if multi_head else (batch, num_tokens, num_tokens),
+        np.float32,
+    )
     context = np.empty(
         (batch, num_tokens, heads * width if kind == "wrapper" else width), np.float32
     )
@@ -208,8 +213,6 @@ def forward(
         recorded,
     ):
         return None
-    if not multi_head:
-        attention = attention.reshape(batch, num_tokens, num_tokens)  # no head axis
     if recorded is not None:
         record_steps(steps, weights, recorded, attention, multi_head)
     return context, attention

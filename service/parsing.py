@@ -343,10 +343,14 @@ def small_values(body: bytes | bytearray) -> dict[str, Any]:
 def small_float_rows(rows: list[list[float]]) -> np.ndarray:
     """(T, d) from rows of Python floats within float32's range (as _book_shaped decodes them),
     or NotFast unless they make a non-empty box."""
-    if not rows or not rows[0] or len(set(map(len, rows))) != 1:
-        raise NotFast  # ragged or empty: the careful path words it
-    # Within float32's range, a float64 rounds to float32 as the other decoders' cast rounds it.
-    return np.array(rows, dtype=np.float32)
+    try:
+        # Within float32's range, a float64 rounds to float32 as the other decoders' cast does.
+        matrix = np.array(rows, dtype=np.float32)
+    except ValueError:  # ragged rows
+        raise NotFast from None
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise NotFast  # empty: the careful path words it
+    return matrix
 
 
 def small_matrix(embeddings: Any) -> np.ndarray:
