@@ -16,10 +16,11 @@ RUN --mount=type=secret,id=apt-sources,target=/etc/apt/sources.list.d/debian.sou
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY attention/ attention/
 COPY service/ service/
-# Built against Debian's Python 3.11, as the image runs it; only the build backend is fetched.
+# Built against Debian's Python 3.11, as the image runs it; only the build requirements
+# (setuptools, numpy's headers) are fetched.
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 

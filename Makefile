@@ -14,7 +14,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-container lint bench clean
 
-$(STAMP): pyproject.toml
+# The C kernel is built by the install: a change to its source reinstalls.
+$(STAMP): pyproject.toml setup.py attention/small_kernel.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_ARG) torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

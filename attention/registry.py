@@ -4,7 +4,7 @@ The service's routes, `GET /attention`, the OpenAPI examples and the tests all r
 """
 
 from collections.abc import Callable, Mapping
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -49,11 +49,26 @@ class AttentionConfig:
     # The variant's own parameters (see Option), resolved: ((name, value), ...).
     options: tuple[tuple[str, int], ...] = ()
 
+    # Derived from the fields once, in __post_init__: the service makes each configuration once
+    # (service.engine.attention_config) and reads these several times per request.
+    # MultiHeadAttentionWrapper's heads are each d_out wide, side by side (`stacks_heads`);
+    # every other multi-head class splits d_out into its heads.
+    stacks_heads: bool = field(init=False, repr=False, compare=False)
+    head_dim: int = field(init=False, repr=False, compare=False)  # one head's q, k, v width
+    output_dim: int = field(init=False, repr=False, compare=False)  # the context vectors' width
+
     def __post_init__(self) -> None:
-        # Configurations key the cache of seeded modules, hashed twice per request, and the
-        # service makes each one once (service.engine.attention_config): its hash is kept
-        # rather than built from every field on each call.
-        object.__setattr__(self, "_hash", hash(astuple(self)))
+        stacks_heads = self.implementation == "wrapper"
+        derived = {
+            "stacks_heads": stacks_heads,
+            "head_dim": self.d_out if stacks_heads else self.d_out // self.num_heads,
+            "output_dim": self.d_out * self.num_heads if stacks_heads else self.d_out,
+            # Configurations key the cache of seeded modules, hashed twice per request: the
+            # hash is kept rather than built from every field on each call.
+            "_hash": hash(tuple(getattr(self, name) for name in _CONFIG_FIELDS)),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def __hash__(self) -> int:
         return self._hash
@@ -65,28 +80,14 @@ class AttentionConfig:
         """The variant's options that are tensor widths (see Option.is_width), resolved."""
         return [self.option(option.name) for option in variant.options if option.is_width]
 
-    @property
-    def stacks_heads(self) -> bool:
-        """MultiHeadAttentionWrapper's heads are each d_out wide, side by side; every other
-        multi-head class splits d_out into its heads."""
-        return self.implementation == "wrapper"
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one head's queries, keys and values."""
-        return self.d_out if self.stacks_heads else self.d_out // self.num_heads
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the context vectors: the wrapper concatenates its heads."""
-        return self.d_out * self.num_heads if self.stacks_heads else self.d_out
-
     def multiply_adds(self, batch_size: int, num_tokens: int) -> int:
         """Rough size of a computation: the projections and the two T x T products."""
         projections = 4 * self.d_in * self.output_dim
         attention = 2 * self.num_heads * num_tokens * self.head_dim
         return batch_size * num_tokens * (projections + attention)
 
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(AttentionConfig) if f.compare)
 
 Builder = Callable[[AttentionConfig, torch.Generator], nn.Module]
 Check = Callable[[AttentionConfig], None]  # raises AttentionInputError

@@ -153,6 +153,13 @@ def moderate_weights(weights: NumpyWeights) -> bool:
     )
 
 
+def float32_rows(rows: object) -> np.ndarray | None:
+    """(T, d) float32 from a list of T lists of d Python floats (as a JSON decoder gives them),
+    each rounded from its double as numpy's cast rounds it; None for anything else. One C call:
+    numpy's conversion of nested lists costs more than the book's whole computation."""
+    return _small_kernel.float32_rows(rows)
+
+
 KINDS = {"simplified": 0, "single": 1, "wrapper": 2, "fused": 3}  # the kernel's numbering
 # The kernel's steps, in its order; each (b, heads, T, head_dim) or (b, heads, T, T).
 KERNEL_STEPS = (
@@ -176,45 +183,26 @@ def forward(
     for steps never changes a number of the answer: the kernel copies them out of the same
     computation.
     """
-    batch, num_tokens, d_in = x.shape
     kind, heads = weights.kind, weights.num_heads
-    width = d_in if kind == "simplified" else weights.projections.shape[-1] // 3
-    multi_head = kind in ("wrapper", "fused")
-    # (b, H, T, T) to the kernel, which reads only the count of numbers: made without the head
-    # axis for a single head rather than reshaped after.
-    attention = np.empty(
-        (batch, heads, num_tokens, num_tokens) if multi_head else (batch, num_tokens, num_tokens),
-        np.float32,
-    )
-    context = np.empty(
-        (batch, num_tokens, heads * width if kind == "wrapper" else width), np.float32
-    )
-    recorded = None
-    if steps is not None:
-        head_dim = width // heads if kind == "fused" else width
-        per_head = (batch, heads, num_tokens, head_dim)
-        square = (batch, heads, num_tokens, num_tokens)
-        recorded = tuple(
-            np.empty(square if "scores" in name else per_head, np.float32) for name in KERNEL_STEPS
-        )
-    if not _small_kernel.forward(
-        x if x.flags.c_contiguous else np.ascontiguousarray(x),
+    multi_head = kind == "wrapper" or kind == "fused"
+    computed = _small_kernel.forward(
+        x,
         KINDS[kind],
         weights.causal,
+        multi_head,
         heads,
-        width,
+        1 if kind == "simplified" else weights.projections.shape[-1] // 3,  # simplified: d_in
         0.0 if weights.scale is None else weights.scale,
         weights.projections,
         weights.projection_biases,
         weights.out_proj,
         weights.out_proj_bias,
-        attention,
-        context,
-        recorded,
-    ):
-        return None
-    if recorded is not None:
-        record_steps(steps, weights, recorded, attention, multi_head)
+        steps is not None,
+    )
+    if computed is None or steps is None:
+        return computed
+    context, attention, recorded = computed
+    record_steps(steps, weights, recorded, attention, multi_head)
     return context, attention
 
 

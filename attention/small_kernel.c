@@ -11,11 +11,15 @@
  * to float32 rounding (each sums in its own order) and is the same to the bit whether or not
  * the steps are asked for: they are copies of what the computation holds anyway.
  *
- * Every buffer is checked against the shape the input implies before anything is read or
- * written: a caller's mistake is a ValueError, never a stray read.
+ * The arrays are numpy's, read and made through its C API: a call through numpy's Python
+ * functions (np.empty, the buffer protocol) costs more, inside a server, than the arithmetic.
+ * Every array is checked against the shape the input implies before anything is read: a
+ * caller's mistake is a ValueError, never a stray read.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_23_API_VERSION
+#include <numpy/arrayobject.h>
 #include <math.h>
 #include <string.h>
 
@@ -48,65 +52,66 @@ static void linear(const float *a, Py_ssize_t rows, Py_ssize_t inner, const floa
     }
 }
 
-/* A float32 buffer of exactly `count` numbers, or None (view->obj stays NULL) where allowed. */
-static int get_floats(PyObject *object, Py_buffer *view, Py_ssize_t count, int writable,
-                      int optional, const char *name)
+/* The numbers of a C-contiguous float32 array of exactly `count` of them; NULL for None where
+ * `optional` (with no error set), or NULL with a ValueError. */
+static const float *floats(PyObject *object, npy_intp count, int optional, const char *name,
+                           int *failed)
 {
-    view->obj = NULL;
-    if (object == Py_None) {
-        if (optional)
-            return 0;
-        PyErr_Format(PyExc_ValueError, "%s is required", name);
-        return -1;
+    if (object == Py_None && optional)
+        return NULL;
+    if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) ||
+        PyArray_SIZE((PyArrayObject *)object) != count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous float32 array of %zd numbers",
+                     name, (Py_ssize_t)count);
+        *failed = 1;
+        return NULL;
     }
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(object, view, flags) < 0)
-        return -1;
-    if (strcmp(view->format, "f") != 0 || view->len != count * (Py_ssize_t)sizeof(float)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 numbers", name, count);
-        PyBuffer_Release(view);
-        view->obj = NULL;
-        return -1;
-    }
-    return 0;
+    return PyArray_DATA((PyArrayObject *)object);
+}
+
+static inline float *step_data(PyArrayObject *step) { return (float *)PyArray_DATA(step); }
+
+/* A new float32 array of the given shape, or NULL with MemoryError. */
+static PyArrayObject *new_floats(int ndim, npy_intp *shape)
+{
+    return (PyArrayObject *)PyArray_SimpleNew(ndim, shape, NPY_FLOAT32);
 }
 
 #define STEP_COUNT 6 /* queries, keys, values, attention_scores, scaled_scores, head_outputs */
 
 static PyObject *forward(PyObject *self, PyObject *args)
 {
-    PyObject *x_obj, *proj_obj, *pbias_obj, *oproj_obj, *obias_obj, *wout_obj, *cout_obj,
-        *steps_obj;
-    int kind, causal;
+    PyObject *x_obj, *proj_obj, *pbias_obj, *oproj_obj, *obias_obj;
+    int kind, causal, multi_head, with_steps;
     Py_ssize_t heads, width;
     float scale;
-    if (!PyArg_ParseTuple(args, "OiinnfOOOOOOO:forward", &x_obj, &kind, &causal, &heads, &width,
-                          &scale, &proj_obj, &pbias_obj, &oproj_obj, &obias_obj, &wout_obj,
-                          &cout_obj, &steps_obj))
+    if (!PyArg_ParseTuple(args, "OiiinnfOOOOp:forward", &x_obj, &kind, &causal, &multi_head,
+                          &heads, &width, &scale, &proj_obj, &pbias_obj, &oproj_obj, &obias_obj,
+                          &with_steps))
         return NULL;
     if (kind < SIMPLIFIED || kind > FUSED || heads < 1 || width < 1 ||
         (kind == FUSED && width % heads != 0) || (kind != WRAPPER && kind != FUSED && heads != 1)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent kind, heads and width");
         return NULL;
     }
-    if (steps_obj != Py_None && (!PyTuple_Check(steps_obj) || PyTuple_GET_SIZE(steps_obj) != STEP_COUNT)) {
-        PyErr_SetString(PyExc_ValueError, "steps: None or a tuple of six buffers or Nones");
+    /* The input as a C-contiguous float32 array: itself when it is one (the usual case), else a
+     * copy. */
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(x_obj, NPY_FLOAT32, 3, 3,
+                                                        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (x == NULL)
         return NULL;
-    }
-
-    Py_buffer x, proj = {0}, pbias = {0}, oproj = {0}, obias = {0}, wout = {0}, cout = {0};
-    Py_buffer steps[STEP_COUNT] = {{0}};
+    PyArrayObject *weights_out = NULL, *context_out = NULL, *steps[STEP_COUNT] = {NULL};
     float *scratch = NULL;
     PyObject *result = NULL;
+    int failed = 0;
 
-    if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return NULL;
-    if (strcmp(x.format, "f") != 0 || x.ndim != 3 || x.shape[0] < 1 || x.shape[1] < 1 ||
-        x.shape[2] < 1) {
+    const npy_intp *x_shape = PyArray_DIMS(x);
+    const Py_ssize_t B = x_shape[0], T = x_shape[1], d_in = x_shape[2];
+    if (B < 1 || T < 1 || d_in < 1) {
         PyErr_SetString(PyExc_ValueError, "x: expected float32 numbers of shape (b, T, d_in)");
         goto done;
     }
-    const Py_ssize_t B = x.shape[0], T = x.shape[1], d_in = x.shape[2];
     if (kind == SIMPLIFIED)
         width = d_in;
     const Py_ssize_t blocks = kind == WRAPPER ? heads : 1; /* projections of their own */
@@ -115,38 +120,41 @@ static PyObject *forward(PyObject *self, PyObject *args)
     const Py_ssize_t context_width = kind == WRAPPER ? heads * width : width;
     const Py_ssize_t per_head = T * head_dim;
 
+    const float *weights = NULL, *biases = NULL, *out_weights = NULL, *out_biases = NULL;
     if (kind != SIMPLIFIED) {
-        if (get_floats(proj_obj, &proj, blocks * d_in * row, 0, 0, "projections") < 0 ||
-            get_floats(pbias_obj, &pbias, blocks * row, 0, 1, "projection_biases") < 0)
-            goto done;
+        weights = floats(proj_obj, blocks * d_in * row, 0, "projections", &failed);
+        biases = floats(pbias_obj, blocks * row, 1, "projection_biases", &failed);
     }
     if (kind == FUSED) {
-        if (get_floats(oproj_obj, &oproj, width * width, 0, 0, "out_proj") < 0 ||
-            get_floats(obias_obj, &obias, width, 0, 1, "out_proj_bias") < 0)
-            goto done;
+        out_weights = floats(oproj_obj, width * width, 0, "out_proj", &failed);
+        out_biases = floats(obias_obj, width, 1, "out_proj_bias", &failed);
     }
-    if (get_floats(wout_obj, &wout, B * heads * T * T, 1, 0, "weights_out") < 0 ||
-        get_floats(cout_obj, &cout, B * T * context_width, 1, 0, "context_out") < 0)
+    if (failed)
         goto done;
-    if (steps_obj != Py_None) {
-        static const char *names[STEP_COUNT] = {"queries",        "keys",          "values",
-                                                "attention_scores", "scaled_scores", "head_outputs"};
-        for (int s = 0; s < STEP_COUNT; s++) {
-            Py_ssize_t count = s < 3 || s == 5 ? B * heads * per_head : B * heads * T * T;
-            if (get_floats(PyTuple_GET_ITEM(steps_obj, s), &steps[s], count, 1, 1, names[s]) < 0)
-                goto done;
-        }
-    }
 
-    const float *xs = x.buf;
+    const float *xs = PyArray_DATA(x);
     double sum_of_squares = 0.0;
     for (Py_ssize_t i = 0; i < B * T * d_in; i++)
         sum_of_squares += (double)xs[i] * (double)xs[i];
     if (!(sum_of_squares <= MODERATE_SUM_OF_SQUARES)) { /* also NaN */
-        result = Py_False;
+        result = Py_None;
         Py_INCREF(result);
         goto done;
     }
+
+    /* The answer: weights (b, heads, T, T), without the head axis for a single head's module,
+     * and context vectors (b, T, output width); the steps each (b, heads, T, head_dim) or
+     * (b, heads, T, T). */
+    npy_intp square_shape[4] = {B, heads, T, T}, head_shape[4] = {B, heads, T, head_dim};
+    npy_intp single_square[3] = {B, T, T}, context_shape[3] = {B, T, context_width};
+    weights_out = multi_head ? new_floats(4, square_shape) : new_floats(3, single_square);
+    context_out = new_floats(3, context_shape);
+    if (weights_out == NULL || context_out == NULL)
+        goto done;
+    if (with_steps)
+        for (int s = 0; s < STEP_COUNT; s++)
+            if ((steps[s] = new_floats(4, s == 3 || s == 4 ? square_shape : head_shape)) == NULL)
+                goto done;
 
     /* Per sequence: the projections, then q, k, v and the heads' outputs as (heads, T, head_dim),
      * the keys transposed for one head, one row of scores, and the concatenated heads. */
@@ -165,7 +173,6 @@ static PyObject *forward(PyObject *self, PyObject *args)
     float *keys_t = head_outputs + heads * per_head;
     float *raw = keys_t + per_head;
     float *concatenated = raw + T;
-    const float *weights = proj.buf, *biases = pbias.buf;
 
     for (Py_ssize_t b = 0; b < B; b++) {
         const float *xb = xs + b * T * d_in;
@@ -197,7 +204,7 @@ static PyObject *forward(PyObject *self, PyObject *args)
                     keys_t[d * T + u] = k[u * head_dim + d];
             const Py_ssize_t square = (b * heads + h) * T * T;
             for (Py_ssize_t t = 0; t < T; t++) {
-                float *w = (float *)wout.buf + square + t * T;
+                float *w = (float *)PyArray_DATA(weights_out) + square + t * T;
                 /* q_t . k_u for every key: the scores' row, each key's column added in turn */
                 memset(raw, 0, (size_t)T * sizeof(float));
                 for (Py_ssize_t d = 0; d < head_dim; d++) {
@@ -206,8 +213,8 @@ static PyObject *forward(PyObject *self, PyObject *args)
                     for (Py_ssize_t u = 0; u < T; u++)
                         raw[u] += qd * kd[u];
                 }
-                if (steps[3].obj != NULL)
-                    memcpy((float *)steps[3].buf + square + t * T, raw, (size_t)T * sizeof(float));
+                if (with_steps)
+                    memcpy(step_data(steps[3]) + square + t * T, raw, (size_t)T * sizeof(float));
                 const Py_ssize_t visible = causal ? t + 1 : T; /* the mask hides later keys */
                 float largest = -INFINITY;
                 for (Py_ssize_t u = 0; u < visible; u++) {
@@ -217,8 +224,8 @@ static PyObject *forward(PyObject *self, PyObject *args)
                 }
                 for (Py_ssize_t u = visible; u < T; u++)
                     w[u] = -INFINITY;
-                if (steps[4].obj != NULL)
-                    memcpy((float *)steps[4].buf + square + t * T, w, (size_t)T * sizeof(float));
+                if (with_steps)
+                    memcpy(step_data(steps[4]) + square + t * T, w, (size_t)T * sizeof(float));
                 float total = 0.0f;
                 for (Py_ssize_t u = 0; u < visible; u++) {
                     w[u] = expf(w[u] - largest);
@@ -241,11 +248,11 @@ static PyObject *forward(PyObject *self, PyObject *args)
         }
         float *step_buffers[STEP_COUNT] = {queries, keys, values, NULL, NULL, head_outputs};
         for (int s = 0; s < STEP_COUNT; s++)
-            if (step_buffers[s] != NULL && steps[s].obj != NULL)
-                memcpy((float *)steps[s].buf + b * heads * per_head, step_buffers[s],
+            if (with_steps && step_buffers[s] != NULL)
+                memcpy(step_data(steps[s]) + b * heads * per_head, step_buffers[s],
                        (size_t)(heads * per_head) * sizeof(float));
         /* the heads side by side, (T, heads x head_dim); the fused module projects them once more */
-        float *context = (float *)cout.buf + b * T * context_width;
+        float *context = (float *)PyArray_DATA(context_out) + b * T * context_width;
         float *joined = kind == FUSED ? concatenated : context;
         for (Py_ssize_t t = 0; t < T; t++)
             for (Py_ssize_t h = 0; h < heads; h++)
@@ -253,31 +260,79 @@ static PyObject *forward(PyObject *self, PyObject *args)
                        head_outputs + h * per_head + t * head_dim,
                        (size_t)head_dim * sizeof(float));
         if (kind == FUSED)
-            linear(concatenated, T, width, oproj.buf, width, obias.buf, context);
+            linear(concatenated, T, width, out_weights, width, out_biases, context);
     }
-    result = Py_True;
-    Py_INCREF(result);
+    if (with_steps) {
+        PyObject *recorded = PyTuple_New(STEP_COUNT);
+        if (recorded == NULL)
+            goto done;
+        for (int s = 0; s < STEP_COUNT; s++) {
+            PyTuple_SET_ITEM(recorded, s, (PyObject *)steps[s]);
+            steps[s] = NULL; /* the tuple holds it now */
+        }
+        result = Py_BuildValue("(NNN)", context_out, weights_out, recorded);
+    } else {
+        result = Py_BuildValue("(NN)", context_out, weights_out);
+    }
+    context_out = weights_out = NULL; /* Py_BuildValue's N took them, even on failure */
 
 done:
     PyMem_Free(scratch);
-    PyBuffer_Release(&x);
-    Py_buffer *views[] = {&proj, &pbias, &oproj, &obias, &wout, &cout};
-    for (size_t i = 0; i < sizeof(views) / sizeof(views[0]); i++)
-        if (views[i]->obj != NULL)
-            PyBuffer_Release(views[i]);
+    Py_DECREF(x);
+    Py_XDECREF(weights_out);
+    Py_XDECREF(context_out);
     for (int s = 0; s < STEP_COUNT; s++)
-        if (steps[s].obj != NULL)
-            PyBuffer_Release(&steps[s]);
+        Py_XDECREF(steps[s]);
     return result;
 }
 
+/* rows: a list of T lists of d Python floats each (as a JSON decoder gives them) -> a new (T, d)
+ * float32 array, each number rounded from its double as numpy's cast rounds it; None for
+ * anything else (no rows, an empty or ragged row, a number that is not a float), which the
+ * caller takes to its careful path. numpy's own conversion of nested lists first discovers their
+ * shape and type through its general machinery: inside a server it cost more than the
+ * attention arithmetic. */
+static PyObject *float32_rows(PyObject *self, PyObject *rows)
+{
+    if (!PyList_CheckExact(rows) || PyList_GET_SIZE(rows) == 0)
+        Py_RETURN_NONE;
+    const Py_ssize_t T = PyList_GET_SIZE(rows);
+    PyObject *first = PyList_GET_ITEM(rows, 0);
+    if (!PyList_CheckExact(first) || PyList_GET_SIZE(first) == 0)
+        Py_RETURN_NONE;
+    const Py_ssize_t d = PyList_GET_SIZE(first);
+    npy_intp shape[2] = {T, d};
+    PyArrayObject *matrix = new_floats(2, shape);
+    if (matrix == NULL)
+        return NULL;
+    float *out = PyArray_DATA(matrix);
+    for (Py_ssize_t t = 0; t < T; t++) {
+        PyObject *row = PyList_GET_ITEM(rows, t);
+        if (!PyList_CheckExact(row) || PyList_GET_SIZE(row) != d)
+            goto not_floats;
+        for (Py_ssize_t i = 0; i < d; i++) {
+            PyObject *number = PyList_GET_ITEM(row, i);
+            if (!PyFloat_CheckExact(number))
+                goto not_floats;
+            out[t * d + i] = (float)PyFloat_AS_DOUBLE(number);
+        }
+    }
+    return (PyObject *)matrix;
+not_floats:
+    Py_DECREF(matrix);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"float32_rows", float32_rows, METH_O,
+     "float32_rows(rows) -> (T, d) float32 array, or None unless rows is a non-empty list of\n"
+     "equally long, non-empty lists of floats."},
     {"forward", forward, METH_VARARGS,
-     "forward(x, kind, causal, heads, width, scale, projections, projection_biases, out_proj,\n"
-     "        out_proj_bias, weights_out, context_out, steps) -> bool\n\n"
-     "Fills weights_out (b, heads, T, T) and context_out (b, T, output_dim) and returns True;\n"
-     "returns False, writing nothing, for inputs whose squares sum beyond 1e24. See\n"
-     "attention.small.forward."},
+     "forward(x, kind, causal, multi_head, heads, width, scale, projections, projection_biases,\n"
+     "        out_proj, out_proj_bias, with_steps) -> (context, weights[, steps]) or None\n\n"
+     "context (b, T, output_dim); weights (b, heads, T, T), or (b, T, T) unless multi_head;\n"
+     "steps: queries, keys, values, attention_scores, scaled_scores, head_outputs, each with\n"
+     "a head axis. None for inputs whose squares sum beyond 1e24. See attention.small.forward."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -286,4 +341,8 @@ static struct PyModuleDef module = {
     "The small path's arithmetic in one call (attention/small_kernel.c).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__small_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__small_kernel(void)
+{
+    import_array(); /* numpy's C API: returns NULL, with the error set, if numpy will not load */
+    return PyModule_Create(&module);
+}

@@ -376,12 +376,15 @@ class Engine:
 
     @staticmethod
     def output(tensor: np.ndarray | torch.Tensor, job: Job) -> np.ndarray:
-        array = as_array(tensor)
+        """C-contiguous, as orjson writes arrays. The small path's arrays are made so by its
+        kernel, and stay so through the steps below: only torch's are made so here."""
+        small = isinstance(tensor, np.ndarray)
+        array = tensor if small else tensor.numpy()
         if not job.batched:
             array = array[0]  # the request had no batch axis
         if job.request.decimals is not None:
             array = np.round(array, job.request.decimals)
-        return np.ascontiguousarray(array)
+        return array if small else np.ascontiguousarray(array)
 
     @classmethod
     def step_output(

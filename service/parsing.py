@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from attention import Variant
+from attention.small import float32_rows
 from service.schemas import ALL_PARAMETERS, RequestBase, accepted_fields, request_model
 
 MATRIX_TYPES = {2: list[list[float]], 3: list[list[list[float]]]}
@@ -326,7 +327,10 @@ def small_values(body: bytes | bytearray) -> dict[str, Any]:
     if values is not None and type(values.get("embeddings")) is list:
         matrix = values["embeddings"]
         del values["embeddings"]
-        if not any(type(value) is list for value in values.values()):
+        for value in values.values():  # a loop: a generator's frame costs more, per request
+            if type(value) is list:
+                break
+        else:
             values["embeddings"] = small_float_rows(matrix)  # rows of floats, as decoded
             return values
     try:
@@ -343,13 +347,10 @@ def small_values(body: bytes | bytearray) -> dict[str, Any]:
 def small_float_rows(rows: list[list[float]]) -> np.ndarray:
     """(T, d) from rows of Python floats within float32's range (as _book_shaped decodes them),
     or NotFast unless they make a non-empty box."""
-    try:
-        # Within float32's range, a float64 rounds to float32 as the other decoders' cast does.
-        matrix = np.array(rows, dtype=np.float32)
-    except ValueError:  # ragged rows
-        raise NotFast from None
-    if matrix.ndim != 2 or 0 in matrix.shape:
-        raise NotFast  # empty: the careful path words it
+    # Within float32's range, a float64 rounds to float32 as the other decoders' cast rounds it.
+    matrix = float32_rows(rows)
+    if matrix is None:
+        raise NotFast  # ragged or empty: the careful path words it
     return matrix
 
 

@@ -35,17 +35,24 @@ class Plan:
     jobs: list[Job]
     extra: Any = None
 
+    # Plain loops rather than generator expressions: these run on every request, and a
+    # generator's frame costs more than the rest of either for one job.
     @property
     def answer_floats(self) -> int:
-        return sum(job.answer_floats for job in self.jobs)
+        floats = 0
+        for job in self.jobs:
+            floats += job.answer_floats
+        return floats
 
     def inline(self, work_limit: int) -> bool:
         """Small enough to compute on the event loop. Text goes to a worker: a new embedding
         table takes a while to build."""
-        return (
-            all(job.tokens is None for job in self.jobs)
-            and sum(job.multiply_adds for job in self.jobs) <= work_limit
-        )
+        work = 0
+        for job in self.jobs:
+            if job.tokens is not None:
+                return False
+            work += job.multiply_adds
+        return work <= work_limit
 
 
 Parse = Callable[[Any], P]

@@ -181,6 +181,7 @@ def test_dockerfile_installs_pinned_cpu_torch_before_the_code() -> None:
         i for i, step in enumerate(build) if re.match(r"COPY (attention|service)/", step)
     ]
     assert len(code_copies) == 2, "the build stage copies both packages"
+    assert "COPY pyproject.toml setup.py README.md ./" in build, "and what the wheel needs"
     (wheel,) = [i for i, step in enumerate(build) if "pip wheel" in step]
     assert wheel > max(code_copies) and "--no-deps" in build[wheel].split()
     # In the image: torch, then the rest of the dependencies (pyproject.toml alone), then the
@@ -197,11 +198,14 @@ def test_dockerfile_installs_pinned_cpu_torch_before_the_code() -> None:
 
 def test_dockerignore_keeps_the_build_context_small_but_complete() -> None:
     patterns = dockerignore_patterns()
-    for needed in ["pyproject.toml", "README.md", "attention/__init__.py", "service/main.py"]:
+    needed_files = ["pyproject.toml", "setup.py", "README.md", "attention/small_kernel.c"]
+    for needed in [*needed_files, "attention/__init__.py", "service/main.py"]:
         assert not dockerignored(needed, patterns), needed
     for unwanted in [".venv/bin/python", ".git/HEAD", "tests/test_container.py"]:
         assert dockerignored(unwanted, patterns), unwanted
     assert dockerignored("service/__pycache__/main.cpython-311.pyc", patterns)
+    # The kernel is compiled for the image's Python, never copied from an editable install.
+    assert dockerignored("attention/_small_kernel.cpython-311-x86_64-linux-gnu.so", patterns)
 
 
 def test_compose_builds_the_image_publishes_8000_and_8001_and_checks_health() -> None:
