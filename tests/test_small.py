@@ -1,9 +1,9 @@
-"""The numpy path for small computations (attention.small) against the plain torch modules.
+"""The small path (attention.small, its C kernel) against the plain torch modules.
 
 Every variant and implementation, with and without biases, 2-D and batched inputs, one or
 several heads, seeded or supplied weights, and every step: each number equal to the torch
-module's own forward on the same weights, up to float32 rounding (the BLAS libraries sum in
-their own order).
+module's own forward on the same weights, up to float32 rounding (each sums in its own
+order). And the kernel's edges: inputs it declines, arrays it refuses, and the rows it converts.
 """
 
 from typing import Any
@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from attention import VARIANTS, AnswerOverflowError, AttentionConfig, AttentionRunner, small
+from attention import (
+    VARIANTS,
+    AnswerOverflowError,
+    AttentionConfig,
+    AttentionRunner,
+    _small_kernel,
+    small,
+)
 from attention.parameters import named_parameters, with_parameters
 
 # 1e-6 relative to each number, and to the largest number of the tensor: a dot product that
@@ -231,7 +238,7 @@ def test_return_weights_false_leaves_the_context_unchanged():
         ((1, 256, 64), 0.0, False),  # over SMALL_WORK_LIMIT: torch's kernels are faster there
     ],
 )
-def test_only_small_computations_without_dropout_take_the_numpy_path(shape, dropout, small_path):
+def test_only_small_computations_without_dropout_take_the_small_path(shape, dropout, small_path):
     variant = VARIANTS["causal"]
     cfg = AttentionConfig(d_in=shape[-1], d_out=shape[-1], seed=1, dropout=dropout)
 
@@ -241,9 +248,9 @@ def test_only_small_computations_without_dropout_take_the_numpy_path(shape, drop
 
 
 @pytest.mark.parametrize(("scale", "small_path"), [(1e5, True), (1e7, False), (1e30, None)])
-def test_supplied_weights_take_the_numpy_path_only_where_nothing_can_overflow(scale, small_path):
-    """Up to a Frobenius norm of 1e6 per kind of weight numpy computes (no warning, no check
-    needed); beyond it torch does, whose answer is checked: None marks an overflow refused."""
+def test_supplied_weights_take_the_small_path_only_where_nothing_can_overflow(scale, small_path):
+    """Up to a Frobenius norm of 1e6 per kind of weight the kernel computes (nothing can
+    overflow); beyond it torch does, whose answer is checked: None marks an overflow refused."""
     variant = VARIANTS["multi-head"]
     cfg = config("multi-head", "fused", 4, d_out=4)
     runner = AttentionRunner()
@@ -298,3 +305,121 @@ def test_equal_configurations_share_a_seeded_module_and_others_do_not():
         is not first
     )
     assert hash(AttentionConfig(3, 2, seed=1)) != hash(AttentionConfig(3, 2, seed=2))
+
+
+def test_inputs_too_large_to_be_moderate_are_computed_by_torch():
+    """The kernel declines inputs whose squares sum beyond 1e24 (float32 scores could overflow):
+    torch computes them, the same numbers as the module's own forward."""
+    variant = VARIANTS["causal"]
+    cfg = config("causal", None, 3, d_out=4)
+    runner = AttentionRunner()
+    x = inputs((1, 6, 3)) * np.float32(1e12)  # squares summing to ~1e25
+
+    result = runner.run(variant, x, cfg)
+
+    assert isinstance(result.context_vectors, torch.Tensor), "torch's path"
+    context, weights = plain(runner.module(variant, cfg)[0], x)
+    assert torch.equal(result.context_vectors, context)
+    assert torch.equal(result.attention_weights, weights)
+    # Below the bound the kernel computes.
+    assert isinstance(runner.run(variant, x / np.float32(1e3), cfg).context_vectors, np.ndarray)
+
+
+def test_a_non_contiguous_input_is_computed_as_its_contiguous_copy():
+    variant = VARIANTS["multi-head"]
+    cfg = config("multi-head", "wrapper", 5, d_out=2)
+    runner = AttentionRunner()
+    x = inputs((2, 5, 6))
+    strided = x.transpose(0, 2, 1)[:, :5, :]  # (2, 5, 5), not C-contiguous
+    assert not strided.flags.c_contiguous
+
+    result = runner.run(variant, strided, cfg)
+
+    want = runner.run(variant, np.ascontiguousarray(strided), cfg)
+    assert result.context_vectors.tobytes() == want.context_vectors.tobytes()
+
+
+def kernel_arguments(**changes: Any) -> dict[str, Any]:
+    """A valid call of the kernel for the single-head class, d_in 3, d_out 2, over 6 tokens."""
+    arguments = {
+        "x": inputs((1, 6, 3)),
+        "kind": small.KINDS["single"],
+        "causal": False,
+        "multi_head": False,
+        "heads": 1,
+        "width": 2,
+        "scale": np.float32(np.sqrt(2)),
+        "projections": inputs((3, 6), seed=1),
+        "projection_biases": None,
+        "out_proj": None,
+        "out_proj_bias": None,
+        "with_steps": False,
+    }
+    return {**arguments, **changes}
+
+
+def test_the_kernel_answers_a_valid_call():
+    context, weights = _small_kernel.forward(*kernel_arguments().values())
+    assert context.shape == (1, 6, 2) and weights.shape == (1, 6, 6)
+    assert context.dtype == weights.dtype == np.float32
+    np.testing.assert_allclose(weights.sum(-1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"projections": inputs((3, 5))},
+            "projections: expected a C-contiguous float32 array of 18",
+        ),
+        ({"projections": inputs((3, 6)).astype(np.float64)}, "projections: expected"),
+        ({"projections": inputs((6, 3)).T}, "projections: expected"),  # Fortran order
+        ({"projections": None}, "projections: expected"),
+        ({"projection_biases": inputs((1, 5))}, "projection_biases: expected"),
+        ({"kind": 4}, "inconsistent kind, heads and width"),
+        ({"heads": 2}, "inconsistent kind, heads and width"),  # one head for this class
+        ({"kind": small.KINDS["fused"], "heads": 4}, "inconsistent kind"),  # 2 columns, 4 heads
+        ({"width": 0}, "inconsistent kind"),
+        ({"x": inputs((6, 3))}, "object of too small depth"),
+        ({"x": inputs((1, 0, 3))}, r"x: expected float32 numbers of shape \(b, T, d_in\)"),
+    ],
+)
+def test_the_kernel_refuses_arrays_that_do_not_fit_before_reading_them(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _small_kernel.forward(*kernel_arguments(**changes).values())
+
+
+def test_float32_rows_rounds_each_double_as_numpys_cast_does():
+    rng = np.random.default_rng(7)
+    doubles = np.concatenate(
+        [
+            rng.standard_normal(40) * 10.0 ** rng.integers(-40, 38, 40),
+            [0.0, -0.0, 1e-46, 1.4e-45, 3.4028235e38, -3.4028234663852886e38, 0.1, 1 / 3],
+        ]
+    )
+    rows = doubles.reshape(8, 6).tolist()
+
+    matrix = small.float32_rows(rows)
+
+    assert matrix.dtype == np.float32 and matrix.shape == (8, 6) and matrix.flags.c_contiguous
+    assert matrix.tobytes() == np.array(rows, dtype=np.float64).astype(np.float32).tobytes()
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [],
+        [[]],
+        [[1.0], [1.0, 2.0]],  # ragged
+        [[1.0, 2.0], [3.0]],
+        [[1.0, 2]],  # an int: a JSON decoder's floats only
+        [[True, 1.0]],
+        [(1.0, 2.0)],  # a tuple is not a row
+        ((1.0,),),
+        [[1.0], None],
+        "rows",
+        None,
+    ],
+)
+def test_float32_rows_declines_anything_but_a_box_of_floats(rows):
+    assert small.float32_rows(rows) is None
