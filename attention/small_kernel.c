@@ -31,8 +31,9 @@ enum { SIMPLIFIED = 0, SINGLE = 1, WRAPPER = 2, FUSED = 3 };
 static const double MODERATE_SUM_OF_SQUARES = 1e24;
 
 /* out (rows, cols) = a (rows, inner) @ w (inner, cols) + bias (cols) if any: nn.Linear in the
- * x @ W convention. Summed over `inner` in order, each row of w added to the whole output row:
- * the inner loop runs along contiguous memory, which the compiler vectorises. */
+ * x @ W convention, and every other product of the computation. Summed over `inner` in order,
+ * each row of w added to the whole output row: the inner loop runs along contiguous memory,
+ * which the compiler vectorises. */
 static void linear(const float *a, Py_ssize_t rows, Py_ssize_t inner, const float *w,
                    Py_ssize_t cols, const float *bias, float *out)
 {
@@ -205,14 +206,8 @@ static PyObject *forward(PyObject *self, PyObject *args)
             const Py_ssize_t square = (b * heads + h) * T * T;
             for (Py_ssize_t t = 0; t < T; t++) {
                 float *w = (float *)PyArray_DATA(weights_out) + square + t * T;
-                /* q_t . k_u for every key: the scores' row, each key's column added in turn */
-                memset(raw, 0, (size_t)T * sizeof(float));
-                for (Py_ssize_t d = 0; d < head_dim; d++) {
-                    const float qd = q[t * head_dim + d];
-                    const float *kd = keys_t + d * T;
-                    for (Py_ssize_t u = 0; u < T; u++)
-                        raw[u] += qd * kd[u];
-                }
+                /* q_t . k_u for every key: the row q_t times the keys transposed */
+                linear(q + t * head_dim, 1, head_dim, keys_t, T, NULL, raw);
                 if (with_steps)
                     memcpy(step_data(steps[3]) + square + t * T, raw, (size_t)T * sizeof(float));
                 const Py_ssize_t visible = causal ? t + 1 : T; /* the mask hides later keys */
@@ -236,14 +231,7 @@ static PyObject *forward(PyObject *self, PyObject *args)
                 for (Py_ssize_t u = visible; u < T; u++)
                     w[u] = 0.0f;
                 /* this head's output for token t: the weighted sum of the visible values */
-                float *out = head_outputs + h * per_head + t * head_dim;
-                memset(out, 0, (size_t)head_dim * sizeof(float));
-                for (Py_ssize_t u = 0; u < visible; u++) {
-                    const float weight = w[u];
-                    const float *vu = v + u * head_dim;
-                    for (Py_ssize_t j = 0; j < head_dim; j++)
-                        out[j] += weight * vu[j];
-                }
+                linear(w, 1, visible, v, head_dim, NULL, head_outputs + h * per_head + t * head_dim);
             }
         }
         float *step_buffers[STEP_COUNT] = {queries, keys, values, NULL, NULL, head_outputs};
