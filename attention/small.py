@@ -30,7 +30,7 @@ from attention.variants import (
     SimplifiedSelfAttention,
 )
 
-# Measured on a 2-core CPU (torch 2.13, one thread): the book's example takes ~2 us here against
+# Measured on a 2-core CPU (torch 2.13, one thread): the book's example takes ~1 us here against
 # ~30 us in torch; at the limit (~0.2M multiply-adds: the wrapper's 4 heads over 32 tokens x 32
 # dimensions) 34 us against 186; at ~0.7M (one head over 32 x 64) the two are level, and beyond,
 # torch's vectorised products pull ahead. The limit matches the default `inline_work_limit`,
@@ -42,12 +42,13 @@ Steps = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class NumpyWeights:
-    """A module's weights as float32 numpy arrays in the `x @ W` convention.
+    """A module's weights as float32 numpy arrays in the `x @ W` convention, laid out as the
+    kernel reads them.
 
     The query, key and value matrices sit side by side in one (d_in, 3 x d_out) matrix, so one
     product makes all three: each of their numbers is still the same dot product of an input row
     with one column. The wrapper's heads are stacked on a leading head axis, (H, d_in, 3 x d_out),
-    so its heads run as one batched product too.
+    one such matrix per head.
     """
 
     kind: str  # "simplified", "single" (v1, v2, causal), "wrapper" or "fused"
