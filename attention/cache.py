@@ -7,11 +7,10 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-_MISSING = object()
 
 
 class BoundedCache(Generic[K, V]):
-    """Keeps the `maxsize` most recently used values; `maxsize=0` caches nothing."""
+    """Keeps the `maxsize` most recently used values (never None); `maxsize=0` caches nothing."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -21,18 +20,15 @@ class BoundedCache(Generic[K, V]):
     def get(self, key: K) -> V | None:
         """The value kept for `key` (now the most recently used), or None."""
         with self._lock:
-            value = self._items.get(key, _MISSING)
-            if value is _MISSING:
-                return None
-            self._items.move_to_end(key)
+            value = self._items.get(key)  # one lookup: a config's __eq__ is Python
+            if value is not None:
+                self._items.move_to_end(key)
             return value
 
     def get_or_create(self, key: K, create: Callable[[], V]) -> V:
-        with self._lock:
-            value = self._items.get(key, _MISSING)  # one lookup: a config's __eq__ is Python
-            if value is not _MISSING:
-                self._items.move_to_end(key)
-                return value
+        value = self.get(key)
+        if value is not None:
+            return value
         # Built outside the lock: two threads may build the same value once each, but a slow
         # build never blocks requests for other keys.
         value = create()
