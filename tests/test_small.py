@@ -372,6 +372,7 @@ def test_the_kernel_answers_a_valid_call():
             {"projections": inputs((3, 5))},
             "projections: expected a C-contiguous float32 array of 18",
         ),
+        ({"projections": inputs((3, 7))}, "projections: expected"),  # too many numbers, too
         ({"projections": inputs((3, 6)).astype(np.float64)}, "projections: expected"),
         ({"projections": inputs((6, 3)).T}, "projections: expected"),  # Fortran order
         ({"projections": None}, "projections: expected"),
