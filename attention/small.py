@@ -128,7 +128,7 @@ def causal_mask(num_tokens: int) -> np.ndarray:
 # checks. Within both bounds (|x| <= 1e12 and |W| <= 1e6 in Frobenius norm, which seeded
 # weights, each entry below 1 in a computation within SMALL_WORK_LIMIT, stay far below) no score
 # exceeds (1e12 * 1e6)^2 = 1e36 and no number overflows: the small path needs no such check.
-MODERATE_SUM_OF_SQUARES = 1e24
+MODERATE_SUM_OF_SQUARES = _small_kernel.MODERATE_SUM_OF_SQUARES  # 1e24, the kernel's own
 MODERATE_WEIGHTS_SUM_OF_SQUARES = 1e12
 
 
@@ -190,7 +190,6 @@ def forward(
         x,
         KINDS[kind],
         weights.causal,
-        multi_head,
         heads,
         1 if kind == "simplified" else weights.projections.shape[-1] // 3,  # simplified: d_in
         0.0 if weights.scale is None else weights.scale,

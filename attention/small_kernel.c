@@ -2,9 +2,9 @@
  * chapter-3 modules in one call, for computations too small to pay per-operation dispatch.
  *
  * Why C: inside a server, between requests, the caches go cold, and each numpy or torch call
- * then costs several times its cost in a loop. The book's example took ~15 numpy calls (~32 us
- * in the server, against a bare echo endpoint's whole request of ~120 us); one call here takes
- * a few. Measured in `make bench` (small answer, throughput): docs/performance.md.
+ * then costs several times its cost in a loop. The book's example took a dozen numpy calls
+ * (~32 us of its ~275 us round trip); one call here takes a few. Measured in `make bench`
+ * (small answer, throughput): docs/performance.md.
  *
  * Float32 throughout, as torch stores every intermediate: products summed in float32 in a fixed
  * order, softmax shifted by its row's maximum, as torch shifts it. The answer equals torch's up
@@ -26,8 +26,8 @@
 /* How the module's weights are laid out (attention.small.NumpyWeights.kind). */
 enum { SIMPLIFIED = 0, SINGLE = 1, WRAPPER = 2, FUSED = 3 };
 
-/* Inputs whose squares sum to more than this are declined (see small.MODERATE_SUM_OF_SQUARES):
- * with them float32 scores could overflow. */
+/* Inputs whose squares sum to more than this are declined: with them float32 scores could
+ * overflow. Exported as MODERATE_SUM_OF_SQUARES, which attention.small reads. */
 static const double MODERATE_SUM_OF_SQUARES = 1e24;
 
 /* out (rows, cols) = a (rows, inner) @ w (inner, cols) + bias (cols) if any: nn.Linear in the
@@ -53,15 +53,15 @@ static void linear(const float *a, Py_ssize_t rows, Py_ssize_t inner, const floa
     }
 }
 
-/* The numbers of a C-contiguous float32 array of exactly `count` of them; NULL for None where
- * `optional` (with no error set), or NULL with a ValueError. */
+/* The numbers of a C-contiguous, aligned, native-order float32 array of exactly `count` of them;
+ * NULL for None where `optional` (with no error set), or NULL with a ValueError. */
 static const float *floats(PyObject *object, npy_intp count, int optional, const char *name,
                            int *failed)
 {
     if (object == Py_None && optional)
         return NULL;
     if (!PyArray_Check(object) || PyArray_TYPE((PyArrayObject *)object) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)object) ||
+        !PyArray_ISCARRAY_RO((PyArrayObject *)object) ||
         PyArray_SIZE((PyArrayObject *)object) != count) {
         PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous float32 array of %zd numbers",
                      name, (Py_ssize_t)count);
@@ -84,13 +84,14 @@ static PyArrayObject *new_floats(int ndim, npy_intp *shape)
 static PyObject *forward(PyObject *self, PyObject *args)
 {
     PyObject *x_obj, *proj_obj, *pbias_obj, *oproj_obj, *obias_obj;
-    int kind, causal, multi_head, with_steps;
+    int kind, causal, with_steps;
     Py_ssize_t heads, width;
     float scale;
-    if (!PyArg_ParseTuple(args, "OiiinnfOOOOp:forward", &x_obj, &kind, &causal, &multi_head,
-                          &heads, &width, &scale, &proj_obj, &pbias_obj, &oproj_obj, &obias_obj,
-                          &with_steps))
+    if (!PyArg_ParseTuple(args, "OiinnfOOOOp:forward", &x_obj, &kind, &causal, &heads, &width,
+                          &scale, &proj_obj, &pbias_obj, &oproj_obj, &obias_obj, &with_steps))
         return NULL;
+    /* The multi-head classes answer weights with a head axis, even for one head. */
+    const int multi_head = kind == WRAPPER || kind == FUSED;
     if (kind < SIMPLIFIED || kind > FUSED || heads < 1 || width < 1 ||
         (kind == FUSED && width % heads != 0) || (kind != WRAPPER && kind != FUSED && heads != 1)) {
         PyErr_SetString(PyExc_ValueError, "inconsistent kind, heads and width");
@@ -316,9 +317,10 @@ static PyMethodDef methods[] = {
      "float32_rows(rows) -> (T, d) float32 array, or None unless rows is a non-empty list of\n"
      "equally long, non-empty lists of floats."},
     {"forward", forward, METH_VARARGS,
-     "forward(x, kind, causal, multi_head, heads, width, scale, projections, projection_biases,\n"
-     "        out_proj, out_proj_bias, with_steps) -> (context, weights[, steps]) or None\n\n"
-     "context (b, T, output_dim); weights (b, heads, T, T), or (b, T, T) unless multi_head;\n"
+     "forward(x, kind, causal, heads, width, scale, projections, projection_biases, out_proj,\n"
+     "        out_proj_bias, with_steps) -> (context, weights[, steps]) or None\n\n"
+     "context (b, T, output_dim); weights (b, heads, T, T), or (b, T, T) for the single-head\n"
+     "kinds;"
      "steps: queries, keys, values, attention_scores, scaled_scores, head_outputs, each with\n"
      "a head axis. None for inputs whose squares sum beyond 1e24. See attention.small.forward."},
     {NULL, NULL, 0, NULL},
@@ -332,5 +334,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__small_kernel(void)
 {
     import_array(); /* numpy's C API: returns NULL, with the error set, if numpy will not load */
-    return PyModule_Create(&module);
+    PyObject *created = PyModule_Create(&module);
+    if (created != NULL &&
+        PyModule_AddObject(created, "MODERATE_SUM_OF_SQUARES",
+                           PyFloat_FromDouble(MODERATE_SUM_OF_SQUARES)) < 0) {
+        Py_DECREF(created);
+        return NULL;
+    }
+    return created;
 }

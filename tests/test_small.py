@@ -345,7 +345,6 @@ def kernel_arguments(**changes: Any) -> dict[str, Any]:
         "x": inputs((1, 6, 3)),
         "kind": small.KINDS["single"],
         "causal": False,
-        "multi_head": False,
         "heads": 1,
         "width": 2,
         "scale": np.float32(np.sqrt(2)),
@@ -373,6 +372,7 @@ def test_the_kernel_answers_a_valid_call():
             "projections: expected a C-contiguous float32 array of 18",
         ),
         ({"projections": inputs((3, 7))}, "projections: expected"),  # too many numbers, too
+        ({"projections": inputs((3, 6)).byteswap().view(">f4")}, "projections: expected"),
         ({"projections": inputs((3, 6)).astype(np.float64)}, "projections: expected"),
         ({"projections": inputs((6, 3)).T}, "projections: expected"),  # Fortran order
         ({"projections": None}, "projections: expected"),
@@ -424,3 +424,17 @@ def test_float32_rows_rounds_each_double_as_numpys_cast_does():
 )
 def test_float32_rows_declines_anything_but_a_box_of_floats(rows):
     assert small.float32_rows(rows) is None
+
+
+def test_the_kernel_shapes_the_weights_by_its_kind_and_declines_at_one_bound():
+    """The head axis comes with the multi-head kinds, even for one head, and never without them:
+    the kernel derives it from the kind, so no call can make the two disagree. The bound it
+    declines inputs at is the one attention.small names."""
+    heads_of_one = kernel_arguments(
+        kind=small.KINDS["wrapper"], projections=inputs((1, 3, 6), seed=1)
+    )
+    _, weights = _small_kernel.forward(*heads_of_one.values())
+    assert weights.shape == (1, 1, 6, 6)
+    assert small.MODERATE_SUM_OF_SQUARES == 1e24
+    beyond = kernel_arguments(x=np.full((1, 6, 3), 3e11, np.float32))  # squares sum to 1.6e24
+    assert _small_kernel.forward(*beyond.values()) is None
